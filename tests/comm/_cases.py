@@ -206,3 +206,62 @@ def grad_convention():
         dist.all_reduce(g)
         assert torch.allclose(g / n, ref, atol=1e-12)
     return True
+
+
+# ----------------------------------------------------------------------------- errors
+def expect_error(fn, exc, *fragments):
+    """Run fn; it must raise ``exc`` whose message holds every fragment. Returns the message."""
+    try:
+        fn()
+    except exc as e:
+        msg = str(e)
+        for f in fragments:
+            assert f in msg, (f, msg)
+        return msg
+    raise AssertionError(f"{fn} did not raise {exc.__name__}")
+
+
+def bad_dims():
+    x = torch.zeros(2, 3, 4)
+    expect_error(lambda: dsp.switch(x, 3, 0, src_size=3), IndexError, "src_dim=3", "3 dims")
+    expect_error(lambda: dsp.switch(x, 0, -4), IndexError, "dst_dim=-4")
+    expect_error(lambda: dsp.switch(x, 1, -2), ValueError, "same dim")
+    expect_error(lambda: dsp.gather(x, 5), IndexError, "dim=5")
+    expect_error(lambda: dsp.split(x, -7), IndexError, "dim=-7")
+    expect_error(lambda: dsp.switch(x, 0, 1, grad_scale=2), TypeError)
+    expect_error(lambda: dsp.gather(x, 0, grad_scale="sideways"), ValueError, "grad_scale")
+    return True
+
+
+def shape_mismatch_validated():
+    """Ranks disagree on a non-sharded dim: every rank raises the same clear error."""
+    r = dist.get_rank()
+    x = torch.zeros(2, 3, 4 + (r == 1))
+    msg = expect_error(lambda: dsp.switch(x, 1, 2, validate=True), ValueError,
+                       "disagree", "dim 2 differs", "rank 1: (2, 3, 5)")
+    y = torch.zeros(2, 3, dtype=torch.float32 if r else torch.float64)
+    expect_error(lambda: dsp.gather(y, 0, validate=True), ValueError, "dtype differs")
+    z = torch.zeros(2 + r, 3)
+    expect_error(lambda: dsp.split(z, 1, validate=True), ValueError, "dim 0 differs")
+    # valid tensors pass validation; src_size must match the actual shard lengths
+    ok = dsp.local_shard(torch.zeros(5, 7), 0)
+    dsp.switch(ok, 0, 1, validate=True, src_size=5)
+    expect_error(lambda: dsp.switch(ok, 0, 1, validate=True, src_size=6), ValueError,
+                 "src_size=6")
+    return msg
+
+
+def wrong_local_size_without_validation():
+    """One rank's shard is wrong and nothing validates: that rank raises at once, the others
+    wait in the all-to-all and end with the group's timeout error instead of hanging."""
+    r = dist.get_rank()
+    x = torch.zeros(5 if r == 0 else 3, 4)
+    dsp.switch(x, 0, 1, src_size=6)
+
+
+def non_member_group():
+    g = dsp.new_group([0, 1])
+    if dist.get_rank() == 2:
+        expect_error(lambda: dsp.switch(torch.zeros(2, 2), 0, 1, g), RuntimeError,
+                     "not a member")
+    return True

@@ -36,7 +36,7 @@ class CommRecord:
     tag: str = ""
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: open blocks are removed by identity
 class CommLog:
     """Records collected inside a :func:`comm_log` block."""
 
