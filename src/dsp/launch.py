@@ -14,6 +14,7 @@ import os
 import queue
 import socket
 import sys
+import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable, List, Optional
@@ -130,14 +131,22 @@ class RankPool:
             q.put((fn, args, kwargs))
         results: dict = {}
         errors: dict = {}
-        deadline = self.timeout * 2 + 60
+        deadline = time.monotonic() + self.timeout * 2 + 60
         while len(results) + len(errors) < self.world_size:
             try:
-                rank, ok, value = self._outq.get(timeout=deadline)
+                rank, ok, value = self._outq.get(timeout=1.0)
             except queue.Empty:
-                self.broken = True
-                missing = sorted(set(range(self.world_size)) - set(results) - set(errors))
-                raise RankError({r: "no answer (hung or died)" for r in missing} | errors) from None
+                dead = {
+                    r: f"process died with exit code {p.exitcode}"
+                    for r, p in enumerate(self._procs)
+                    if p.exitcode is not None
+                }
+                if dead or time.monotonic() > deadline:
+                    self.broken = True
+                    missing = set(range(self.world_size)) - set(results) - set(errors)
+                    late = {r: "no answer within the timeout (hung)" for r in missing}
+                    raise RankError({**late, **dead, **errors}) from None
+                continue
             (results if ok else errors)[rank] = value
         if errors:
             # Every rank raised: they are still in step and the pool stays usable. Some ranks

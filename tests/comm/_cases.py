@@ -237,8 +237,13 @@ def shape_mismatch_validated():
     """Ranks disagree on a non-sharded dim: every rank raises the same clear error."""
     r = dist.get_rank()
     x = torch.zeros(2, 3, 4 + (r == 1))
-    msg = expect_error(lambda: dsp.switch(x, 1, 2, validate=True), ValueError,
-                       "disagree", "dim 2 differs", "rank 1: (2, 3, 5)")
+    msg = expect_error(
+        lambda: dsp.switch(x, 1, 2, validate=True),
+        ValueError,
+        "disagree",
+        "dim 2 differs",
+        "rank 1: (2, 3, 5)",
+    )
     y = torch.zeros(2, 3, dtype=torch.float32 if r else torch.float64)
     expect_error(lambda: dsp.gather(y, 0, validate=True), ValueError, "dtype differs")
     z = torch.zeros(2 + r, 3)
@@ -246,8 +251,7 @@ def shape_mismatch_validated():
     # valid tensors pass validation; src_size must match the actual shard lengths
     ok = dsp.local_shard(torch.zeros(5, 7), 0)
     dsp.switch(ok, 0, 1, validate=True, src_size=5)
-    expect_error(lambda: dsp.switch(ok, 0, 1, validate=True, src_size=6), ValueError,
-                 "src_size=6")
+    expect_error(lambda: dsp.switch(ok, 0, 1, validate=True, src_size=6), ValueError, "src_size=6")
     return msg
 
 
@@ -262,6 +266,5 @@ def wrong_local_size_without_validation():
 def non_member_group():
     g = dsp.new_group([0, 1])
     if dist.get_rank() == 2:
-        expect_error(lambda: dsp.switch(torch.zeros(2, 2), 0, 1, g), RuntimeError,
-                     "not a member")
+        expect_error(lambda: dsp.switch(torch.zeros(2, 2), 0, 1, g), RuntimeError, "not a member")
     return True

@@ -1,0 +1,32 @@
+"""Argument parsing for the ``dsp`` command. Each subcommand lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dsp.cli import demo
+
+    parser = argparse.ArgumentParser(
+        prog="dsp",
+        description="Dynamic Sequence Parallelism for multi-dimensional transformers.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""STDiT: the spatial-temporal diffusion transformer of Open-Sora 1.0.
+
+Each block runs spatial self-attention (over S), temporal self-attention (over
+T), cross-attention to the text and an MLP, modulated by adaLN-single (one
+timestep projection shared by all blocks plus a per-block table). Follows
+hpcaitech/Open-Sora ``opensora/models/stdit/stdit.py`` (v1.0) with these
+layout-driven differences: activations stay ``(B, T, S, C)``; position
+embeddings are sin-cos tables computed at run time for the actual T, h, w;
+text prompts of different lengths use a key-padding mask instead of packing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from dsp.models.layers import (
+    Attention,
+    CrossAttention,
+    FinalLayer,
+    Mlp,
+    PatchEmbed3D,
+    TemporalPosEmbed,
+    TimestepEmbedder,
+    adaln_params,
+    check_heads,
+    check_text,
+    init_weights,
+    modulate,
+    sincos_2d,
+    unpatchify,
+)
+
+
+@dataclass(frozen=True)
+class STDiTConfig:
+    """Hyper-parameters of :class:`STDiT` (defaults: STDiT-XL/2)."""
+
+    depth: int = 28
+    hidden_size: int = 1152
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    in_channels: int = 4
+    patch_size: Tuple[int, int, int] = (1, 2, 2)
+    caption_channels: int = 4096  # T5-XXL
+    learn_sigma: bool = True  # predict the variance too: out_channels = 2 * in_channels
+    space_scale: float = 1.0  # spatial positions are divided by this
+    time_scale: float = 1.0  # temporal positions are divided by this
+    zero_init: bool = True  # Open-Sora init: output projections start at zero
+
+    def __post_init__(self):
+        check_heads(self.hidden_size, self.num_heads)
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size must be divisible by 4, got {self.hidden_size}")
+        if self.depth < 1 or len(self.patch_size) != 3:
+            raise ValueError(f"bad depth={self.depth} or patch_size={self.patch_size}")
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+
+class STDiTBlock(nn.Module):
+    """One STDiT layer on ``(B, T, S, C)``.
+
+    ``forward(x, y, t0, mask)``: x ``(B, T, S, C)``, text ``y`` ``(B, L, C)``,
+    timestep projection ``t0`` ``(B, 6C)``, text mask ``(B, L)`` bool or None.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        mlp_ratio: float = 4.0,
+        temporal_pos: bool = False,
+        time_scale: float = 1.0,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads, attn_dim="S")
+        # Open-Sora adds the temporal position embedding to the input of the
+        # first block's temporal attention only (not to the residual stream).
+        pos = TemporalPosEmbed(time_scale) if temporal_pos else None
+        self.attn_temp = Attention(dim, num_heads, attn_dim="T", pos_embed=pos)
+        self.cross_attn = CrossAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
+
+    def forward(self, x: Tensor, y: Tensor, t0: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln_params(
+            self.scale_shift_table, t0
+        )  # each (B, 1, 1, C)
+        # spatial attention (over S)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        # temporal attention (over T); Open-Sora 1.0 applies no norm here and reuses gate_msa
+        x = x + gate_msa * self.attn_temp(x)
+        # cross-attention to the text, then the MLP (both token-wise)
+        x = x + self.cross_attn(x, y, mask)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x  # (B, T, S, C)
+
+
+class STDiT(nn.Module):
+    """Open-Sora 1.0 STDiT: ``(x, timestep, y, mask) -> (B, C_out, T, H, W)``.
+
+    Args of ``forward``:
+        x: latent video ``(B, C_in, T, H, W)``.
+        timestep: diffusion steps ``(B,)``.
+        y: text embeddings ``(B, L, caption_channels)``.
+        mask: optional ``(B, L)``, True/1 for real text tokens.
+    """
+
+    def __init__(self, config: STDiTConfig):
+        super().__init__()
+        self.config = c = config
+        dim = c.hidden_size
+        self.x_embedder = PatchEmbed3D(c.patch_size, c.in_channels, dim)
+        self.t_embedder = TimestepEmbedder(dim)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))  # adaLN-single
+        self.y_embedder = Mlp(c.caption_channels, dim, dim)  # caption projection
+        self.blocks = nn.ModuleList(
+            STDiTBlock(
+                dim,
+                c.num_heads,
+                mlp_ratio=c.mlp_ratio,
+                temporal_pos=(i == 0),
+                time_scale=c.time_scale,
+            )
+            for i in range(c.depth)
+        )
+        self.final_layer = FinalLayer(dim, math.prod(c.patch_size) * c.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Open-Sora init; with ``config.zero_init`` the output projections of
+        temporal and cross attention and the final layer start at zero."""
+        zero = [self.final_layer.linear]
+        for block in self.blocks:
+            zero += [block.attn_temp.proj, block.cross_attn.proj]
+        normal = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1]]
+        normal += [self.y_embedder.fc1, self.y_embedder.fc2]
+        init_weights(self, normal=normal, zero=zero if self.config.zero_init else ())
+
+    def forward(
+        self, x: Tensor, timestep: Tensor, y: Tensor, mask: Optional[Tensor] = None
+    ) -> Tensor:
+        mask = check_text(y, mask)
+        _, ph, pw = self.config.patch_size
+        h, w = x.shape[3] // ph, x.shape[4] // pw
+        x = self.x_embedder(x)  # (B, T, S, C)
+        pos = sincos_2d(x.shape[-1], h, w, scale=self.config.space_scale, device=x.device)
+        x = (
+            x + pos.to(x.dtype)[None, None]
+        )  # (1, 1, S, C): needs the full S, added before any split
+        t = self.t_embedder(timestep)  # (B, C)
+        t0 = self.t_block(t)  # (B, 6C)
+        y = self.y_embedder(y)  # (B, L, C)
+        for block in self.blocks:
+            x = block(x, y, t0, mask)  # (B, T, S, C)
+        x = self.final_layer(x, t)  # (B, T, S, pt*ph*pw*C_out)
+        return unpatchify(x, self.config.patch_size, h, w)  # (B, C_out, T, H, W)
