@@ -1,0 +1,14 @@
+"""Every strategy on every model equals the single-process run, forward and backward."""
+
+import pytest
+
+from tests.strategies import _cases
+
+SHAPE = (2, 5, 6, 10)  # B, T, H, W -> T = 5 frames, S = 3 x 5 = 15 patches: uneven over 2, 3, 4
+
+
+@pytest.mark.parametrize("model", ["stdit-tiny", "latte-tiny"])
+@pytest.mark.parametrize("strategy", ["none", "dsp", "ulysses"])
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_equals_single_process(pools, model, strategy, n):
+    pools.run(n, _cases.equality, model, strategy, SHAPE)
