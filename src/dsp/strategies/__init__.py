@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from dsp.strategies.base import ModelSpec, SequenceSharded, Strategy, find_stages, model_spec
 from dsp.strategies.dsp_strategy import DSP
+from dsp.strategies.megatron_sp import MegatronSP
 from dsp.strategies.none import NoParallel
 from dsp.strategies.ulysses import Ulysses
 
@@ -21,6 +22,7 @@ STRATEGIES = {
     "none": NoParallel,
     "dsp": DSP,
     "ulysses": Ulysses,
+    "megatron_sp": MegatronSP,
 }
 
 
@@ -37,6 +39,7 @@ def get_strategy(name: str, group: Optional[dist.ProcessGroup] = None, **options
 
 __all__ = [
     "DSP",
+    "MegatronSP",
     "ModelSpec",
     "NoParallel",
     "STRATEGIES",
