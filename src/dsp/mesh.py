@@ -86,3 +86,39 @@ def new_group(
     return dist.new_group(
         ranks=list(ranks) if ranks is not None else None, timeout=timeout, backend=backend
     )
+
+
+def group_ranks(group: Optional[dist.ProcessGroup] = None) -> list:
+    """Global ranks of ``group`` in group-rank order."""
+    if group is None:
+        return list(range(dist.get_world_size()))
+    return list(dist.get_process_group_ranks(group))
+
+
+def split_group(
+    group: Optional[dist.ProcessGroup], inner: int, *, timeout: timedelta = DEFAULT_TIMEOUT
+) -> tuple:
+    """Split ``group`` (size ``outer * inner``) into a 2-D grid; return this rank's groups.
+
+    Group rank ``i`` sits at ``(i // inner, i % inner)``. Returns ``(inner_group,
+    outer_group)``: the ``inner`` consecutive ranks sharing ``i // inner``, and the ``outer``
+    ranks sharing ``i % inner``. Every rank of ``group`` must call this (it creates all
+    sub-groups, in the same order everywhere).
+    """
+    ranks = group_ranks(group)
+    n = len(ranks)
+    if inner < 1 or n % inner:
+        raise ValueError(f"dsp: cannot split a group of {n} ranks into rows of {inner}")
+    me = dist.get_rank()
+    mine_inner = mine_outer = None
+    for row in range(n // inner):
+        members = ranks[row * inner : (row + 1) * inner]
+        g = new_group(members, timeout=timeout)
+        if me in members:
+            mine_inner = g
+    for col in range(inner):
+        members = ranks[col::inner]
+        g = new_group(members, timeout=timeout)
+        if me in members:
+            mine_outer = g
+    return mine_inner, mine_outer

@@ -71,3 +71,15 @@ def equality(model_name, strategy, shape, options=None, atol=1e-9):
         "backward": log.sent("backward"),
         "ops": [(r.op, r.phase) for r in log.records if not r.meta],
     }
+
+
+def measure(model_name, strategy, shape, options=None, **overrides):
+    """Bytes sent by this rank in one forward and one backward (no reference run)."""
+    batch, frames, height, width = shape
+    torch.manual_seed(0)
+    model = build_model(model_name, zero_init=False, **overrides).double()
+    inputs = make_inputs(model, batch, frames, height, width)
+    get_strategy(strategy, **(options or {})).apply(model)
+    with dsp.comm_log() as log:
+        out, _, _ = run_model(model, inputs, 1.0)
+    return {"forward": log.sent("forward"), "backward": log.sent("backward")}

@@ -8,7 +8,13 @@ SHAPE = (2, 5, 6, 10)  # B, T, H, W -> T = 5 frames, S = 3 x 5 = 15 patches: une
 
 
 @pytest.mark.parametrize("model", ["stdit-tiny", "latte-tiny"])
-@pytest.mark.parametrize("strategy", ["none", "dsp", "ulysses", "megatron_sp"])
+@pytest.mark.parametrize("strategy", ["none", "dsp", "ulysses", "ring", "megatron_sp"])
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_equals_single_process(pools, model, strategy, n):
     pools.run(n, _cases.equality, model, strategy, SHAPE)
+
+
+@pytest.mark.parametrize("model", ["stdit-tiny", "latte-tiny"])
+@pytest.mark.parametrize("n,u", [(2, 1), (2, 2), (3, 1), (3, 3), (4, 2)])
+def test_usp_equals_single_process(pools, model, n, u):
+    pools.run(n, _cases.equality, model, "usp", SHAPE, {"ulysses_degree": u})

@@ -16,13 +16,17 @@ from dsp.strategies.base import ModelSpec, SequenceSharded, Strategy, find_stage
 from dsp.strategies.dsp_strategy import DSP
 from dsp.strategies.megatron_sp import MegatronSP
 from dsp.strategies.none import NoParallel
+from dsp.strategies.ring import Ring
 from dsp.strategies.ulysses import Ulysses
+from dsp.strategies.usp import USP
 
 STRATEGIES = {
     "none": NoParallel,
     "dsp": DSP,
     "ulysses": Ulysses,
+    "ring": Ring,
     "megatron_sp": MegatronSP,
+    "usp": USP,
 }
 
 
@@ -42,9 +46,11 @@ __all__ = [
     "MegatronSP",
     "ModelSpec",
     "NoParallel",
+    "Ring",
     "STRATEGIES",
     "SequenceSharded",
     "Strategy",
+    "USP",
     "Ulysses",
     "find_stages",
     "get_strategy",

@@ -42,8 +42,13 @@ class _RowParallelLinear(nn.Module):
 
 
 def _column(lin: nn.Linear, rows: torch.Tensor) -> nn.Linear:
-    out = nn.Linear(lin.in_features, len(rows), bias=lin.bias is not None,
-                    dtype=lin.weight.dtype, device=lin.weight.device)
+    out = nn.Linear(
+        lin.in_features,
+        len(rows),
+        bias=lin.bias is not None,
+        dtype=lin.weight.dtype,
+        device=lin.weight.device,
+    )
     with torch.no_grad():
         out.weight.copy_(lin.weight[rows])
         if lin.bias is not None:
@@ -77,8 +82,9 @@ class MegatronSP(SequenceSharded):
 
         return idx
 
-    def _shard(self, prefix: str, mod: nn.Module, name: str, kind: str, idx, groups: int,
-               stride: int) -> None:
+    def _shard(
+        self, prefix: str, mod: nn.Module, name: str, kind: str, idx, groups: int, stride: int
+    ) -> None:
         """Replace ``mod.<name>`` by its column/row shard; remember how to rebuild grads."""
         lin = getattr(mod, name)
 
@@ -106,8 +112,10 @@ class MegatronSP(SequenceSharded):
                 c = mod.proj.in_features
                 heads = c // d
                 if heads < n:
-                    raise ValueError(f"dsp megatron_sp: {prefix} has {heads} heads, fewer than "
-                                     f"the {n} ranks; use another strategy or fewer ranks")
+                    raise ValueError(
+                        f"dsp megatron_sp: {prefix} has {heads} heads, fewer than "
+                        f"the {n} ranks; use another strategy or fewer ranks"
+                    )
                 idx = self._units(heads, d)
                 if isinstance(mod, Attention):
                     self._shard(prefix, mod, "qkv", "column", idx, 3, c)
@@ -127,8 +135,10 @@ class MegatronSP(SequenceSharded):
 
         def pre(_mod, args):
             # (B, T/N, S, C) -> (B, T, S, C)
-            return (all_gather_seq(args[0], d, self.shard_sizes(self.spec.shard), self.info),
-                    *args[1:])
+            return (
+                all_gather_seq(args[0], d, self.shard_sizes(self.spec.shard), self.info),
+                *args[1:],
+            )
 
         def post(_mod, _args, out):
             # partial sums (B, T, S, C) -> (B, T/N, S, C), then the bias once

@@ -18,12 +18,11 @@ from dsp.strategies.base import SequenceSharded
 class UlyssesCore:
     """Wraps an attention core: seq-sharded (N', L/N, H, D) -> head-sharded -> back."""
 
-    def __init__(self, owner: SequenceSharded, dim: str, inner, group=None):
+    def __init__(self, owner: SequenceSharded, dim: str, inner, group=None, seq_len=None):
         self.owner, self.dim, self.inner = owner, dim, inner
         self.group = group if group is not None else owner.group
-
-    def seq_len(self) -> int:
-        return self.owner.sizes[self.dim]
+        # full length of the sequence across ``group`` (USP: the group's chunk of T)
+        self.seq_len = seq_len or (lambda: owner.sizes[dim])
 
     def __call__(self, q, k, v, mask=None):
         if mask is not None:
