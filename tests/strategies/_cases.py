@@ -83,3 +83,19 @@ def measure(model_name, strategy, shape, options=None, **overrides):
     with dsp.comm_log() as log:
         out, _, _ = run_model(model, inputs, 1.0)
     return {"forward": log.sent("forward"), "backward": log.sent("backward")}
+
+
+def saved_bytes(model_name, strategy, shape, options=None, dtype=torch.float32):
+    """Bytes of activations this rank saves for backward in one forward."""
+    from dsp.memory import saved_activations
+
+    batch, frames, height, width = shape
+    torch.manual_seed(0)
+    model = build_model(model_name, zero_init=False).to(dtype)
+    x, t, y, mask = make_inputs(model, batch, frames, height, width)
+    if strategy != "single":
+        get_strategy(strategy, **(options or {})).apply(model)
+    with saved_activations(model.parameters()) as saved:
+        out = model(x.to(dtype).requires_grad_(), t, y.to(dtype), mask)
+    out.sum().backward()
+    return saved.bytes
