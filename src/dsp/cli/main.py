@@ -8,7 +8,7 @@ from typing import List, Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dsp.cli import demo
+    from dsp.cli import bench, demo
 
     parser = argparse.ArgumentParser(
         prog="dsp",
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 

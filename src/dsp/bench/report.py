@@ -1,0 +1,197 @@
+"""Benchmark reports: JSON (schema in docs/benchmarks.md), a markdown table and PNG plots."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import socket
+import sys
+from typing import List, Optional
+
+import torch
+
+import dsp
+
+__all__ = ["environment", "write_json", "markdown", "plot", "speedups"]
+
+
+def environment() -> dict:
+    """Hardware and versions for the report's meta block."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "dsp": dsp.__version__,
+        "backend": "gloo",
+        "threads_per_rank": 1,
+    }
+
+
+def write_json(path: str, meta: dict, results: List[dict]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2, default=str)
+
+
+def _kib(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v / 1024:.1f}"
+
+
+def speedups(results: List[dict], base: str = "dsp") -> List[dict]:
+    """DSP's throughput over each baseline at the same size and world size."""
+    key = ("model", "world_size", "frames", "height", "width", "batch", "mode", "depth")
+    out = []
+    for r in results:
+        if r["strategy"] != base or not r["samples_per_s"]:
+            continue
+        for o in results:
+            if o["strategy"] != base and all(o[k] == r[k] for k in key) and o["samples_per_s"]:
+                out.append(
+                    {
+                        **{k: r[k] for k in key},
+                        "baseline": o["strategy"],
+                        "speedup": r["samples_per_s"] / o["samples_per_s"],
+                        "bytes_ratio": (r["bytes_sent_forward"] + r["bytes_sent_backward"])
+                        / max(1, o["bytes_sent_forward"] + o["bytes_sent_backward"]),
+                    }
+                )
+    return out
+
+
+def markdown(meta: dict, results: List[dict], title: str = "dsp bench") -> str:
+    link = meta.get("link", {})
+    lines = [
+        f"# {title}",
+        "",
+        f"- date {meta['date']}, host `{meta['host']}`, {meta['cpu']} ({meta['cpu_count']} "
+        f"cores), {meta['platform']}",
+        f"- python {meta['python']}, torch {meta['torch']}, dsp {meta['dsp']}, "
+        f"{meta['backend']}, {meta['threads_per_rank']} thread per rank",
+        f"- link: {link.get('description', 'plain loopback')}",
+    ]
+    if meta.get("command"):
+        lines.append(f"- command: `{meta['command']}`")
+    lines += [
+        "- step time: median (min-max) over the repeats of the slowest rank's step; bytes: "
+        "per rank per step (the largest rank), forward / backward / gradient sync",
+        "",
+        "| model | strategy | N | T x H x W | batch | mode | step s | samples/s | tokens/s | "
+        "fwd KiB | bwd KiB | sync KiB | saved KiB | peak RSS MiB | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        st = r["step_time_s"]
+        step = f"{st['median']:.3f} ({st['min']:.3f}-{st['max']:.3f})" if st else "-"
+        lines.append(
+            f"| {r['model']} | {r['strategy']} | {r['world_size']} | "
+            f"{r['frames']}x{r['height']}x{r['width']} | {r['batch']} | {r['mode']} | {step} | "
+            f"{r['samples_per_s'] or 0:.3f} | {r['tokens_per_s'] or 0:.0f} | "
+            f"{_kib(r['bytes_sent_forward'])} | {_kib(r['bytes_sent_backward'])} | "
+            f"{_kib(r['bytes_sent_grad_sync'])} | {_kib(r['saved_activation_bytes'])} | "
+            f"{(r['peak_rss_bytes'] or 0) / 2**20:.0f} | {r['error'] or ''} |"
+        )
+    sp = speedups(results)
+    if sp:
+        lines += [
+            "",
+            "## DSP over each baseline",
+            "",
+            "| N | T x H x W | baseline | throughput speedup | DSP bytes / baseline bytes |",
+            "|---|---|---|---|---|",
+        ]
+        for s in sp:
+            lines.append(
+                f"| {s['world_size']} | {s['frames']}x{s['height']}x{s['width']} | "
+                f"{s['baseline']} | {s['speedup']:.2f}x | {s['bytes_ratio']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: List[dict], out_dir: str) -> List[str]:
+    """Throughput vs sequence length, bytes per step, DSP speedups. Returns PNG paths."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(
+            "dsp bench: matplotlib is not installed (pip install 'dsp-torch[bench]'); "
+            "no plots written"
+        )
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    ok = [r for r in results if r["samples_per_s"]]
+    strategies = sorted({r["strategy"] for r in ok})
+    sizes = sorted({r["world_size"] for r in ok})
+    paths = []
+
+    fig, axes = plt.subplots(
+        1, max(1, len(sizes)), figsize=(5 * max(1, len(sizes)), 4), squeeze=False
+    )
+    for ax, n in zip(axes[0], sizes):
+        for s in strategies:
+            pts = sorted(
+                (r["frames"] * r["patches"], r["tokens_per_s"])
+                for r in ok
+                if r["strategy"] == s and r["world_size"] == n
+            )
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=s)
+        ax.set(
+            title=f"N = {n}",
+            xlabel="sequence length (T x S tokens)",
+            ylabel="tokens / s",
+            xscale="log",
+        )
+        ax.legend()
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "throughput.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [f"{r['strategy']}\nN={r['world_size']}\nT={r['frames']}" for r in ok]
+    fwd = [r["bytes_sent_forward"] / 2**20 for r in ok]
+    bwd = [r["bytes_sent_backward"] / 2**20 for r in ok]
+    ax.bar(range(len(ok)), fwd, label="forward")
+    ax.bar(range(len(ok)), bwd, bottom=fwd, label="backward")
+    ax.set_xticks(range(len(ok)), labels, fontsize=6)
+    ax.set(ylabel="MiB sent per rank per step", title="communication per step")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "bytes.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    sp = speedups(results)
+    if sp:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.bar(range(len(sp)), [s["speedup"] for s in sp])
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xticks(
+            range(len(sp)),
+            [f"vs {s['baseline']}\nN={s['world_size']} T={s['frames']}" for s in sp],
+            fontsize=6,
+        )
+        ax.set(ylabel="DSP throughput / baseline", title="speedup of DSP")
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, "speedup.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,71 @@
+"""Run a list of benchmark configs, grouped by world size, on loopback or an emulated link."""
+
+from __future__ import annotations
+
+import contextlib
+from itertools import groupby
+from typing import Callable, Dict, List, Tuple
+
+from dsp.bench.runner import BenchConfig, run_configs
+from dsp.launch import RankPool
+
+__all__ = ["run_sweep"]
+
+
+class _PlainPools:
+    """One RankPool per world size on loopback, replaced when a failure breaks it."""
+
+    def __init__(self):
+        self.pool = None
+
+    def get(self, n: int) -> RankPool:
+        if self.pool is None or self.pool.broken or self.pool.world_size != n:
+            self.close()
+            self.pool = RankPool(n, timeout=600)
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+
+@contextlib.contextmanager
+def _pools_for(n: int, link: str):
+    """Yield (get_pool, link_meta) for world size ``n``."""
+    if link == "none" or n == 1:
+        plain = _PlainPools()
+        try:
+            yield plain.get, {"description": "plain loopback", "emulated": False}
+        finally:
+            plain.close()
+        return
+    from dsp.bench.calibrate import calibrated_link
+
+    with calibrated_link(n, link) as cal:
+        meta = cal.describe() if hasattr(cal, "describe") else {"description": str(cal)}
+
+        def get(_n: int):
+            if cal.pool.broken:
+                cal.renew_pool()
+            return cal.pool
+
+        yield get, meta
+
+
+def run_sweep(
+    configs: List[BenchConfig],
+    link: str = "none",
+    on_result: Callable[[dict], None] = lambda r: None,
+) -> Tuple[List[dict], Dict[int, dict]]:
+    """Run ``configs``; returns the result rows and the link settings per world size."""
+    rows: List[dict] = []
+    links: Dict[int, dict] = {}
+    ordered = sorted(configs, key=lambda c: c.world_size)
+    for n, group in groupby(ordered, key=lambda c: c.world_size):
+        with _pools_for(n, link) as (get, meta):
+            links[n] = meta
+            for row in run_configs(list(group), get, on_result):
+                row["link"] = meta.get("description")
+                rows.append(row)
+    return rows, links

@@ -1,0 +1,200 @@
+"""``dsp bench``: sweep strategies, sizes and world sizes; write JSON, markdown and plots.
+
+Each configuration runs one training step (forward + backward + gradient sync + AdamW) or one
+forward (``--mode infer``) per repeat on CPU ranks, optionally on an emulated interconnect
+(``--link``: each rank in its own network namespace behind a rate-limited veth, the rate
+calibrated so that this CPU's compute-to-bandwidth ratio matches the target's). See
+docs/benchmarks.md for the JSON schema and the calibration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from dsp.cli.table import human_bytes
+
+
+def _ints(text: str):
+    return [int(v) for v in text.split(",") if v]
+
+
+def _names(text: str):
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark strategies (JSON, markdown, plots)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        type=_names,
+        default=["stdit-tiny"],
+        help="model config name(s), comma-separated (see dsp.models.list_models)",
+    )
+    p.add_argument(
+        "--strategy",
+        type=_names,
+        default=["dsp", "ulysses", "ring", "megatron_sp"],
+        help="comma-separated: dsp,ulysses,ring,megatron_sp,usp,none",
+    )
+    p.add_argument("--world-size", type=_ints, default=[2, 4], help="e.g. 2,4")
+    p.add_argument("--frames", type=_ints, default=[16], help="latent frames T (list sweeps)")
+    p.add_argument("--height", type=_ints, default=[32], help="latent height (list sweeps)")
+    p.add_argument("--width", type=_ints, default=[32], help="latent width (list sweeps)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--mode", choices=["train", "infer"], default="train")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--depth", type=int, default=None, help="override the number of layers")
+    p.add_argument("--hidden", type=int, default=None, help="override the hidden size")
+    p.add_argument("--heads", type=int, default=None, help="override the number of heads")
+    p.add_argument("--ulysses-degree", type=int, default=None, help="usp: Ulysses degree")
+    p.add_argument(
+        "--single",
+        action="store_true",
+        help="also run the single-process reference (strategy none, N = 1)",
+    )
+    p.add_argument(
+        "--link",
+        default="none",
+        help="none | nvlink | ib | RATE (e.g. 25MB/s, 200mbit): emulated interconnect",
+    )
+    p.add_argument("--json", default=None, help="write {meta, results} JSON here")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="directory for the markdown report and PNGs (default: beside --json, "
+        "else ./bench-report)",
+    )
+    p.set_defaults(func=run)
+
+
+def configs_from_args(args):
+    from dsp.bench.runner import BenchConfig, expand
+
+    base = BenchConfig(
+        batch=args.batch,
+        mode=args.mode,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        depth=args.depth,
+        hidden=args.hidden,
+        heads=args.heads,
+    )
+    configs = expand(
+        base,
+        model=args.model,
+        strategy=args.strategy,
+        world_size=args.world_size,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+    )
+    if args.ulysses_degree:
+        configs = [
+            expand(c, options=[{"ulysses_degree": args.ulysses_degree}])[0]
+            if c.strategy == "usp"
+            else c
+            for c in configs
+        ]
+    if args.single:
+        configs += expand(
+            base,
+            model=args.model,
+            strategy=["none"],
+            world_size=[1],
+            frames=args.frames,
+            height=args.height,
+            width=args.width,
+        )
+    return configs
+
+
+def progress(total: int):
+    """A rich progress bar when rich is installed, else one line per result."""
+    try:
+        from rich.progress import Progress
+    except ImportError:
+        done = [0]
+
+        def tick(row):
+            done[0] += 1
+            print(
+                f"[{done[0]}/{total}] {row['strategy']} N={row['world_size']} "
+                f"T={row['frames']}: {row['error'] or 'ok'}",
+                flush=True,
+            )
+
+        return None, tick
+    bar = Progress()
+    task = bar.add_task("dsp bench", total=total)
+
+    def tick(row):
+        st = row["step_time_s"]
+        bar.console.print(
+            f"{row['model']} {row['strategy']:>11} N={row['world_size']} "
+            f"T={row['frames']} {row['height']}x{row['width']}: "
+            + (
+                f"{st['median']:.3f} s/step, {human_bytes(row['bytes_sent_forward'])} fwd"
+                if st
+                else f"error: {row['error']}"
+            )
+        )
+        bar.advance(task)
+
+    return bar, tick
+
+
+def run(args) -> int:
+    from dsp.bench.report import environment, markdown, plot, write_json
+    from dsp.bench.sweep import run_sweep
+
+    configs = configs_from_args(args)
+    bar, tick = progress(len(configs))
+    with bar if bar is not None else _null():
+        rows, links = run_sweep(configs, args.link, tick)
+    meta = environment()
+    meta.update(
+        command="dsp bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+        if len(sys.argv) > 1 and sys.argv[1] == "bench"
+        else "dsp bench",
+        link={
+            "setting": args.link,
+            "per_world_size": links,
+            "description": "; ".join(f"N={n}: {m.get('description')}" for n, m in links.items()),
+        },
+        config=vars(args) | {"func": None},
+    )
+    out_dir = args.out or (
+        os.path.dirname(os.path.abspath(args.json)) if args.json else "bench-report"
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    if args.json:
+        write_json(args.json, meta, rows)
+    md = markdown(meta, rows)
+    stem = os.path.splitext(os.path.basename(args.json))[0] if args.json else "bench"
+    with open(os.path.join(out_dir, stem + ".md"), "w") as f:
+        f.write(md)
+    pngs = plot(rows, out_dir)
+    print(md)
+    print(
+        f"wrote {os.path.join(out_dir, stem + '.md')}"
+        + (f", {args.json}" if args.json else "")
+        + "".join(f", {p}" for p in pngs)
+    )
+    return 0 if all(not r["error"] for r in rows) else 1
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
