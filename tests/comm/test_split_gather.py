@@ -19,3 +19,8 @@ def test_gradients(pools, n, dim):
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_documented_gradient_recipes(pools, n):
     assert all(pools.run(n, _cases.grad_convention))
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_split_shard_grad_mode(pools, n):
+    assert all(pools.run(n, _cases.split_shard_mode_grad))

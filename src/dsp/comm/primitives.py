@@ -167,16 +167,23 @@ class _Split(torch.autograd.Function):
     """Local slice in forward, gather (all-gather) of the gradient in backward."""
 
     @staticmethod
-    def forward(ctx, x, dim, sizes, info, scale):
-        ctx.dim, ctx.sizes, ctx.info, ctx.scale = dim, sizes, info, scale
+    def forward(ctx, x, dim, sizes, info, scale, mode):
+        ctx.dim, ctx.sizes, ctx.info, ctx.scale, ctx.mode = dim, sizes, info, scale, mode
         return _slice(x, dim, sizes, info.rank)
 
     @staticmethod
     def backward(ctx, g):
-        full = _gather_impl(g, ctx.dim, ctx.sizes, ctx.info)
+        if ctx.mode == "gather":
+            full = _gather_impl(g, ctx.dim, ctx.sizes, ctx.info)
+        else:  # "shard": this rank's gradient in place, zeros elsewhere; no communication
+            shape = list(g.shape)
+            shape[ctx.dim] = sum(ctx.sizes)
+            full = g.new_zeros(shape)
+            start = sum(ctx.sizes[: ctx.info.rank])
+            full.narrow(ctx.dim, start, ctx.sizes[ctx.info.rank]).copy_(g)
         if ctx.scale != 1.0:
             full = full * ctx.scale
-        return full, None, None, None, None
+        return full, None, None, None, None, None
 
 
 class _Gather(torch.autograd.Function):
@@ -216,28 +223,36 @@ def split(
     group: Optional[dist.ProcessGroup] = None,
     *,
     grad_scale: GradScale = 1.0,
+    grad_mode: str = "gather",
     validate: bool = False,
 ) -> torch.Tensor:
     """Replicated -> sharded on ``dim``: this rank's ``torch.tensor_split`` slice, no comm.
 
-    Backward: gather of the gradient (so a replicated input receives the full gradient on
-    every rank), multiplied by ``grad_scale`` (a number, ``"up"`` = N or ``"down"`` = 1/N).
+    Backward (``grad_mode="gather"``, the exact adjoint): gather of the gradient, so a
+    replicated input receives the full gradient on every rank. ``grad_mode="shard"``: this
+    rank's gradient zero-padded to the full shape, with no communication; correct when the
+    replicated input's gradients are summed or averaged over the group afterwards (as
+    ``Strategy.sync_grads`` and DDP/FSDP do). Either is multiplied by ``grad_scale`` (a
+    number, ``"up"`` = N or ``"down"`` = 1/N).
 
     Args:
         x: the full tensor, identical on every rank of ``group``.
         dim: the dim to shard (negative allowed).
         group: the process group (``None``: the world).
         grad_scale: factor applied to the gradient in backward; see docs/primitives.md.
+        grad_mode: ``"gather"`` (default) or ``"shard"``, see above.
         validate: exchange shapes first and raise on every rank if they disagree.
     """
     info = group_info(group)
     d = normalize_dim(dim, x.dim())
+    if grad_mode not in ("gather", "shard"):
+        raise ValueError(f"dsp.split: grad_mode must be 'gather' or 'shard', got {grad_mode!r}")
     if validate:
         _validate(x, info, None, "split")
     scale = _scale_value(grad_scale, info.size)
     if info.size == 1 and scale == 1.0:
         return x
-    return _Split.apply(x, d, shard_sizes(x.shape[d], info.size), info, scale)
+    return _Split.apply(x, d, shard_sizes(x.shape[d], info.size), info, scale, grad_mode)
 
 
 def gather(

@@ -7,10 +7,11 @@ transformer blocks, whose activations are ``(B, T, S, C)``), ``final_layer`` (to
 attention modules with ``attn_dim``/``compute_dim`` and a replaceable ``core``, and
 :class:`~dsp.models.layers.TemporalPosEmbed` for frame positions.
 
-Gradient convention (docs/primitives.md): the entry split uses ``grad_scale="down"`` and the
-exit gather ``grad_scale="up"``, so after ``loss.backward()`` with the same loss on every rank,
-:meth:`Strategy.sync_grads` *averages* every replicated gradient over the group (what DDP and
-FSDP do over a dp x sp mesh) and obtains the single-process gradient.
+Gradient convention (docs/primitives.md): the exit gather uses ``grad_scale="up"`` and the
+entry split ``grad_mode="shard"`` (no backward communication), so after ``loss.backward()``
+with the same loss on every rank, :meth:`Strategy.sync_grads` *averages* every replicated
+gradient over the group (what DDP and FSDP do over a dp x sp mesh) and obtains the
+single-process gradient. Gradients of replicated inputs are averaged the same way.
 """
 
 from __future__ import annotations
@@ -174,7 +175,9 @@ class SequenceSharded(Strategy):
         def entry(_mod, args):
             x = args[0]  # (B, T, S, C), full
             self.sizes = {n: x.shape[i] for i, n in enumerate(spec.dims)}
-            x = split(x, d, self.group, grad_scale="down")  # (B, T/N, S, C)
+            # (B, T, S, C) -> (B, T/N, S, C). Backward: this rank's gradient, zero-padded (no
+            # comm): sync_grads averages replicated gradients over the group anyway.
+            x = split(x, d, self.group, grad_mode="shard")
             return (x, *args[1:])
 
         def exit_(_mod, _args, out):

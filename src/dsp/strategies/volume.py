@@ -96,11 +96,11 @@ def usp_bytes(x: Shape, u: int, ring_bytes) -> Dict[str, int]:
 
 
 def boundary_bytes(x: Shape, p: int) -> Dict[str, int]:
-    """Entry split of (B, T, S, C) and exit gather of (B, T, S, P), both along T."""
-    return {
-        "forward": x.B * x.t_r * x.S * p * x.e * (x.N - 1),  # gather at the exit
-        "backward": x.B * x.t_r * x.S * x.C * x.e * (x.N - 1),  # split's backward gathers
-    }
+    """Entry split of (B, T, S, C) and exit gather of (B, T, S, P), both along T.
+
+    The split's backward is local (``grad_mode="shard"``) and the gather's a slice.
+    """
+    return {"forward": x.B * x.t_r * x.S * p * x.e * (x.N - 1), "backward": 0}
 
 
 # ----------------------------------------------------------------------------- model totals
