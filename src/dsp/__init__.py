@@ -6,6 +6,8 @@ Public API (a contract):
 * :func:`shard_sizes`, :func:`local_shard`: the ``torch.tensor_split`` sharding convention.
 * :func:`comm_log`: exact per-rank byte accounting of every library collective.
 * :func:`init_process_group`, :func:`new_group`: groups with timeouts.
+* ``dsp.parallelize(model, plan, group)``: DSP on any model from outside, with plans the
+  planner in :mod:`dsp.parallelize` chooses (``dsp.parallelize.plan_model``).
 """
 
 from dsp.comm import (
@@ -21,6 +23,8 @@ from dsp.comm import (
 )
 from dsp.mesh import DEFAULT_TIMEOUT, init_process_group, new_group
 
+from dsp import parallelize  # noqa: E402  (a callable module: dsp.parallelize(model, plan))
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -32,6 +36,7 @@ __all__ = [
     "init_process_group",
     "local_shard",
     "new_group",
+    "parallelize",
     "shard_offsets",
     "shard_sizes",
     "split",

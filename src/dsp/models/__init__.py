@@ -3,7 +3,9 @@
 Blocks work on ``(B, T, S, C)`` activations and read T and S from the input,
 attention modules take an injectable ``core``, and position-dependent work
 lives only in :class:`Attention` and :class:`TemporalPosEmbed`, so parallel
-strategies apply from outside. Build a model by name::
+strategies apply from outside. The same rules hold for the 3-axis axial video transformer
+(:mod:`dsp.models.axial`) and the Evoformer-style protein trunk (:mod:`dsp.models.evoformer`).
+Build a model by name::
 
     model = build_model("stdit-tiny", zero_init=False)
 """
@@ -15,6 +17,8 @@ from typing import Dict, List, Union
 
 from torch import nn
 
+from dsp.models.axial import AxialAttention, AxialConfig, AxialTransformer
+from dsp.models.evoformer import Evoformer, EvoformerConfig
 from dsp.models.latte import Latte, LatteBlock, LatteConfig
 from dsp.models.layers import (
     Attention,
@@ -31,7 +35,7 @@ from dsp.models.layers import (
 )
 from dsp.models.stdit import STDiT, STDiTBlock, STDiTConfig
 
-ModelConfig = Union[STDiTConfig, LatteConfig]
+ModelConfig = Union[STDiTConfig, LatteConfig, AxialConfig, EvoformerConfig]
 
 CONFIGS: Dict[str, ModelConfig] = {
     "stdit-tiny": STDiTConfig(depth=2, hidden_size=32, num_heads=4, caption_channels=16),
@@ -39,6 +43,26 @@ CONFIGS: Dict[str, ModelConfig] = {
     "stdit-xxl/2": STDiTConfig(depth=36, hidden_size=2048, num_heads=32),
     "latte-tiny": LatteConfig(depth=4, hidden_size=32, num_heads=4, caption_channels=16),
     "latte-xl/2": LatteConfig(depth=28, hidden_size=1152, num_heads=16),
+    "axial-tiny": AxialConfig(depth=2, hidden_size=32, num_heads=4),
+    "evoformer-tiny": EvoformerConfig(),
+    "evoformer-af2": EvoformerConfig(
+        depth=48,
+        c_m=256,
+        c_z=128,
+        heads_msa=8,
+        heads_pair=4,
+        c_hidden=32,
+        c_opm=32,
+        c_tri=128,
+        transition=4,
+    ),
+}
+
+_BUILDERS = {
+    STDiTConfig: STDiT,
+    LatteConfig: Latte,
+    AxialConfig: AxialTransformer,
+    EvoformerConfig: Evoformer,
 }
 
 
@@ -61,12 +85,17 @@ def build_model(name: str, **overrides) -> nn.Module:
     if unknown:
         raise TypeError(f"{name}: unknown config fields {unknown}; fields: {sorted(fields)}")
     config = dataclasses.replace(config, **overrides)
-    return STDiT(config) if isinstance(config, STDiTConfig) else Latte(config)
+    return _BUILDERS[type(config)](config)
 
 
 __all__ = [
     "CONFIGS",
     "Attention",
+    "AxialAttention",
+    "AxialConfig",
+    "AxialTransformer",
+    "Evoformer",
+    "EvoformerConfig",
     "CrossAttention",
     "FinalLayer",
     "Latte",

@@ -1,0 +1,117 @@
+"""``dsp plan``: the planner's plan for a registered model, with the bytes of every switch.
+
+The model is built on the ``meta`` device and recorded once on meta inputs of the given
+sizes (no memory, no compute, no process group). Bytes are summed over all ranks, forward
+plus backward, for one training step in float32. ``--dry-run`` checks a plan (the planner's,
+or one loaded with ``--plan``) against the model and the world size and says what is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Tuple
+
+import torch
+
+from dsp.cli.table import human_bytes
+from dsp.parallelize import Plan, PlanError, check_plan, hand_plan, record
+from dsp.parallelize.plan import text_table
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="plan where to shard and switch, with exact bytes",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="stdit-tiny", help="a registered model (dsp.models)")
+    p.add_argument("--world-size", type=int, default=4, help="sequence-parallel degree N")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--frames", type=int, default=16, help="video models: frames")
+    p.add_argument("--height", type=int, default=32, help="video models: height (pixels)")
+    p.add_argument("--width", type=int, default=32, help="video models: width (pixels)")
+    p.add_argument("--text-len", type=int, default=120, help="STDiT/Latte: text tokens")
+    p.add_argument("--msa", type=int, default=64, help="Evoformer: MSA sequences M")
+    p.add_argument("--residues", type=int, default=64, help="Evoformer: residues R")
+    p.add_argument("--even-only", action="store_true", help="shard only dims N divides")
+    p.add_argument("--plan", type=Path, help="check/cost this plan (JSON) instead of planning")
+    p.add_argument("--dry-run", action="store_true", help="validate the plan, print OK or why not")
+    p.add_argument("--json", type=Path, help="write the plan as JSON to this path")
+    p.set_defaults(func=run)
+
+
+def example_inputs(name: str, model: torch.nn.Module, args: Any) -> Tuple[torch.Tensor, ...]:
+    """Meta-device inputs of a registered model for the sizes in ``args``."""
+    c, b = model.config, args.batch
+    if name.startswith("evoformer"):
+        msa = torch.empty(b, args.msa, args.residues, c.c_m, device="meta")
+        pair = torch.empty(b, args.residues, args.residues, c.c_z, device="meta")
+        return (msa.requires_grad_(), pair.requires_grad_())  # a trunk fed by embedders
+    video = torch.empty(b, c.in_channels, args.frames, args.height, args.width, device="meta")
+    if name.startswith("axial"):
+        return (video,)
+    timestep = torch.zeros(b, device="meta")
+    text = torch.empty(b, args.text_len, c.caption_channels, device="meta")
+    return (video, timestep, text)
+
+
+def run(args) -> int:
+    from dsp.models import build_model
+
+    n = args.world_size
+    try:
+        with torch.device("meta"):
+            model = build_model(args.model)
+        rec = record(model, example_inputs(args.model, model, args))
+        plan = (
+            Plan.from_json(args.plan.read_text())
+            if args.plan
+            else rec.plan(n, even_only=args.even_only)
+        )
+        check_plan(plan, model)
+        cost = rec.cost(plan, n, even_only=args.even_only)
+    except (PlanError, KeyError) as e:
+        msg = e.args[0] if e.args else e
+        print(f"dsp plan: {'dry run failed' if args.dry_run else 'error'}: {msg}", file=sys.stderr)
+        return 1
+    sizes = ", ".join(f"{d}={v}" for d, v in rec.trace.sizes)
+    source = f"plan {args.plan}" if args.plan else "planner's plan"
+    print(f"dsp plan: {args.model}, N={n}, {sizes} (float32); {source}")
+    print(plan.table([human_bytes(cost.bytes(f"stage {i}")) for i in range(len(plan.stages))]))
+    rows = [
+        [f"split {s.name}", "entry", human_bytes(cost.bytes(f"split {s.name}"))]
+        for s in plan.streams
+    ]
+    rows += [
+        [f"gather {s.name}", "exit", human_bytes(cost.bytes(f"gather {s.name}"))]
+        for s in plan.streams
+    ]
+    rows.append(
+        [
+            "switches, gathers",
+            "inside",
+            human_bytes(cost.total - sum(cost.bytes(r[0]) for r in rows)),
+        ]
+    )
+    print(text_table(["collective", "where", "bytes"], rows))
+    print(
+        f"total: {cost.total} bytes ({human_bytes(cost.total)}) over all ranks, forward "
+        f"{human_bytes(cost.total_forward)} + backward {human_bytes(cost.total_backward)}"
+    )
+    try:
+        hand = rec.cost(hand_plan(model), n).total
+        print(
+            f"hand-written plan (the paper's placement): {hand} bytes ({human_bytes(hand)}); "
+            f"this plan sends {cost.total / hand:.3f} of it"
+        )
+    except PlanError as e:
+        print(f"hand-written plan (the paper's placement) is not legal here: {e}")
+    if args.json:
+        args.json.write_text(plan.to_json() + "\n")
+        print(f"plan written to {args.json}")
+    if args.dry_run:
+        print(f"dry run: OK ({len(plan.stages)} stages, world size {n}, no process group used)")
+    return 0

@@ -1,0 +1,174 @@
+"""Per-rank bodies: a model parallelized by ``dsp.parallelize`` equals the single process."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+import dsp
+import dsp.parallelize as P
+from dsp.models import build_model
+
+TEXT_LEN = 6
+SHAPES = {  # uneven over 2, 3 and 4 ranks, every sequence dim >= 4
+    "stdit-tiny": (5, 6, 10),  # T = 5, S = 3 x 5 = 15
+    "latte-tiny": (5, 6, 10),
+    "axial-tiny": (5, 10, 14),  # T = 5, H = 5, W = 7 after 1x2x2 patches
+    "evoformer-tiny": (5, 7),  # M = 5 sequences, R = 7 residues
+}
+
+
+def make_inputs(name: str, model, seed: int = 0):
+    """Float64 inputs; the float ones require grad (their gradients are compared)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    if name.startswith("evoformer"):
+        m, r = SHAPES[name]
+        c = model.config
+        return (randn(1, m, r, c.c_m), randn(1, r, r, c.c_z))
+    t, h, w = SHAPES[name]
+    if name.startswith("axial"):
+        return (randn(1, model.config.in_channels, t, h, w),)
+    c = model.config
+    x = randn(2, c.in_channels, t, h, w)
+    timestep = torch.tensor([3, 500])
+    y = randn(2, TEXT_LEN, c.caption_channels)
+    mask = torch.arange(TEXT_LEN)[None] < torch.tensor([[TEXT_LEN], [TEXT_LEN - 2]])
+    return (x, timestep, y, mask)
+
+
+def _outputs(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def run(model, inputs, weights):
+    """Forward, a weighted-sum loss, backward; the outputs and the inputs' gradients."""
+    inputs = tuple(
+        x.detach().clone().requires_grad_() if torch.is_tensor(x) and x.requires_grad else x
+        for x in inputs
+    )
+    outs = _outputs(model(*inputs))
+    sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+    return outs, [x.grad for x in inputs if torch.is_tensor(x) and x.requires_grad]
+
+
+def _mean(t):
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
+def equality(name: str, which: str = "planner", atol: float = 1e-9):
+    """Output, every parameter gradient and the input gradients equal one process.
+
+    Returns this rank's measured bytes and the dry run's prediction (all ranks together).
+    """
+    n = dist.get_world_size()
+    torch.manual_seed(0)
+    model = build_model(name).double()
+    ref = copy.deepcopy(model)
+    inputs = make_inputs(name, model)
+    g = torch.Generator().manual_seed(1)
+    weights = [
+        torch.randn(o.shape, generator=g, dtype=torch.float64) for o in _outputs(ref(*inputs))
+    ]
+    outs_ref, grads_ref = run(ref, inputs, weights)
+
+    rec = P.record(model, inputs)
+    plan = rec.plan(n) if which == "planner" else P.hand_plan(model)
+    predicted = rec.cost(plan, n)
+    handle = dsp.parallelize(model, plan)
+    with dsp.comm_log() as log:
+        outs, grads = run(model, inputs, weights)
+    handle.sync_grads()
+    handle.remove()
+
+    for o, o_ref in zip(outs, outs_ref):
+        torch.testing.assert_close(o, o_ref, atol=atol, rtol=0)
+    ref_params = dict(ref.named_parameters())
+    for pname, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[pname].grad, atol=atol, rtol=0, msg=pname)
+    for gx, gx_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(_mean(gx), gx_ref, atol=atol, rtol=0)
+    return {
+        "plan": plan.to_dict(),
+        "forward": log.sent("forward"),
+        "backward": log.sent("backward"),
+        "predicted_forward": predicted.total_forward,
+        "predicted_backward": predicted.total_backward,
+    }
+
+
+class _Outgoing(torch.nn.Module):
+    """``z_ij + sum_k a_ik b_jk`` with no dsp attributes: it needs J whole and ``b`` whole.
+
+    The residual is inside: a stream's entry and block boundaries must return the stream."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(c, c), torch.nn.Linear(c, c)
+
+    def forward(self, z):
+        return z + torch.einsum("bikc,bjkc->bijc", self.a(z), self.b(z))
+
+
+class PairToy(torch.nn.Module):
+    """Two outgoing updates on a pair (B, I, J, C), then a token-wise head."""
+
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Outgoing(c) for _ in range(2))
+        self.head = torch.nn.Linear(c, 2)
+
+    def forward(self, z):
+        for block in self.blocks:
+            z = block(z)
+        return self.head(z)
+
+
+def declared_as_data():
+    """A model without attributes, declared through ``compute=``/``operands=`` and a hand plan
+    that gathers an undeclared module: both equal one process."""
+    n = dist.get_world_size()
+    torch.manual_seed(0)
+    model = PairToy().double()
+    ref = copy.deepcopy(model)
+    z = torch.randn(1, 7, 7, 4, dtype=torch.float64, requires_grad=True)
+    ref(z).square().sum().backward()
+    stream = P.Stream("pair", ("B", "I", "J", "C"), "blocks.0", "head", "I")
+    options = {
+        "streams": [stream],
+        "compute": {"blocks.*": "J"},  # segment-wise: not blocks.0.a
+        "operands": {"blocks.*.b": ("I", "J")},
+    }
+    plan = P.plan_model(model, (z,), n, **options)
+    by_hand = P.Plan(
+        (stream,),
+        tuple(
+            st
+            for i in range(2)
+            for st in (
+                P.Stage(f"blocks.{i}", "pair", "J", "I"),
+                P.Stage(f"blocks.{i}.b", "pair", kind="gather_output"),
+            )
+        ),
+    )
+    declared = {k: v for k, v in options.items() if k != "streams"}
+    cost = P.validate(plan, model, n, (z,), **declared).total
+    assert P.validate(by_hand, model, n, (z,)).total == cost  # the hand plan is the same
+    for p in (plan, by_hand):
+        model.zero_grad()
+        handle = dsp.parallelize(model, p)
+        zz = z.detach().clone().requires_grad_()
+        model(zz).square().sum().backward()
+        handle.sync_grads()
+        handle.remove()
+        for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-9, rtol=0, msg=name)
+        torch.testing.assert_close(_mean(zz.grad), z.grad, atol=1e-9, rtol=0)
+    return plan.to_dict()
