@@ -19,7 +19,7 @@ import traceback
 from datetime import timedelta
 from typing import Any, Callable, List, Optional
 
-__all__ = ["RankError", "RankPool", "spawn", "free_port"]
+__all__ = ["RankError", "RankPool", "spawn", "free_port", "enter_netns"]
 
 
 class RankError(RuntimeError):
@@ -39,7 +39,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, addr, port, backend, timeout_s, threads, path, env, inq, outq):
+#: ``CLONE_NEWNET`` from <sched.h>: the namespace type passed to ``setns(2)``.
+CLONE_NEWNET = 0x40000000
+
+
+def enter_netns(name: str) -> None:
+    """Move the calling thread into the network namespace ``name`` (``setns(2)``).
+
+    ``name`` is an ``ip netns`` name (``/run/netns/<name>``) or a path to a namespace file.
+    Sockets created afterwards, and threads started afterwards, live in that namespace.
+    Python 3.11 has no ``os.setns``, so this calls libc through ctypes. Needs root.
+    """
+    import ctypes
+    import ctypes.util
+
+    if os.sep in name:
+        path = name
+    else:
+        base = "/run/netns" if os.path.isdir("/run/netns") else "/var/run/netns"
+        path = os.path.join(base, name)
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({path!r}, CLONE_NEWNET) failed: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def _worker(
+    rank,
+    world_size,
+    addr,
+    port,
+    backend,
+    timeout_s,
+    threads,
+    path,
+    env,
+    inq,
+    outq,
+    netns=None,
+):
+    if netns is not None:
+        # first, before torch starts any thread or socket: everything after is in the namespace
+        enter_netns(netns)
     sys.path[:] = path
     os.environ.update(env)
     import torch
@@ -74,7 +119,15 @@ class RankPool:
         backend: ``"gloo"`` (CPU) or ``"nccl"``.
         timeout: process-group timeout in seconds; a collective that waits longer raises.
         threads: ``torch.set_num_threads`` per worker.
+        addr: master address (rank 0 listens there). With ``netns``, rank 0's address in
+            its namespace.
         env: extra environment variables for the workers.
+        netns: optional per-rank network namespace names (or paths); each worker enters its
+            namespace with ``setns`` before creating the process group, so its traffic goes
+            over that namespace's interfaces (see :class:`dsp.bench.link.EmulatedLink`). The
+            parent-worker queues are local pipes and work across namespaces.
+        rank_env: optional per-rank extra environment, applied after ``env`` (e.g.
+            ``GLOO_SOCKET_IFNAME`` = the rank's interface).
     """
 
     def __init__(
@@ -86,9 +139,16 @@ class RankPool:
         threads: int = 1,
         addr: str = "127.0.0.1",
         env: Optional[dict] = None,
+        netns: Optional[List[str]] = None,
+        rank_env: Optional[List[dict]] = None,
     ):
         if world_size < 1:
             raise ValueError(f"RankPool: world_size must be >= 1, got {world_size}")
+        for what, per_rank in (("netns", netns), ("rank_env", rank_env)):
+            if per_rank is not None and len(per_rank) != world_size:
+                raise ValueError(
+                    f"RankPool: {what} needs one entry per rank ({world_size}), got {len(per_rank)}"
+                )
         self.world_size = world_size
         self.timeout = timeout
         self.broken = False
@@ -108,9 +168,10 @@ class RankPool:
                     timeout,
                     threads,
                     list(sys.path),
-                    dict(env or {}),
+                    {**(env or {}), **(rank_env[r] if rank_env is not None else {})},
                     self._inqs[r],
                     self._outq,
+                    netns[r] if netns is not None else None,
                 ),
                 daemon=True,
             )

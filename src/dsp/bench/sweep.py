@@ -43,11 +43,22 @@ def _pools_for(n: int, link: str):
     from dsp.bench.calibrate import calibrated_link
 
     with calibrated_link(n, link) as cal:
-        meta = cal.describe() if hasattr(cal, "describe") else {"description": str(cal)}
+        meta = {
+            "description": cal.summary(),
+            "emulated": cal.emulated,
+            "target": cal.target,
+            "cpu_flops_per_rank": cal.cpu_flops,
+            "wanted_bytes_per_s": cal.wanted_rate,
+            "configured_bytes_per_s": cal.configured_rate,
+            "achieved_bytes_per_s": cal.achieved_rate,
+            "reason": cal.reason,
+        }
+        pool_kwargs = cal.link.pool_kwargs() if cal.link is not None else {}
 
         def get(_n: int):
-            if cal.pool.broken:
-                cal.renew_pool()
+            if cal.pool.broken:  # a failed config left ranks out of step: a fresh pool
+                cal.pool.close()
+                cal.pool = RankPool(n, timeout=600, **pool_kwargs)
             return cal.pool
 
         yield get, meta
