@@ -8,7 +8,7 @@ from typing import List, Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dsp.cli import bench, demo
+    from dsp.cli import bench, demo, plan, sample, train
 
     parser = argparse.ArgumentParser(
         prog="dsp",
@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo.add_parser(sub)
     bench.add_parser(sub)
+    train.add_parser(sub)
+    sample.add_parser(sub)
+    plan.add_parser(sub)
     return parser
 
 

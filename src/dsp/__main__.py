@@ -1,0 +1,5 @@
+import sys
+
+from dsp.cli import main
+
+sys.exit(main())
