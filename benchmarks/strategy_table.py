@@ -52,8 +52,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="stdit-tiny")
     p.add_argument("--world-size", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--shape", type=int, nargs=4, default=[1, 16, 16, 16],
-                   metavar=("B", "T", "H", "W"))
+    p.add_argument(
+        "--shape", type=int, nargs=4, default=[1, 16, 16, 16], metavar=("B", "T", "H", "W")
+    )
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     shape = tuple(args.shape)
@@ -66,52 +67,96 @@ def main(argv=None) -> int:
         with RankPool(n) as pool:
             for s in STRATEGIES:
                 res = pool.run(rank_job, args.model, s, shape)
-                want = [expected_bytes(s, model, batch=shape[0], frames=shape[1],
-                                       patches=patches, world_size=n, rank=r, elem_size=4)
-                        for r in range(n)]
-                kw = dict(batch=shape[0], frames=shape[1], patches=patches, world_size=n,
-                          rank=0, elem_size=4)
-                layer = (expected_bytes(s, build_model(args.model, depth=2), **kw)["forward"]
-                         - expected_bytes(s, build_model(args.model, depth=1), **kw)["forward"])
-                ok = all(res[r]["forward"] == want[r]["forward"]
-                         and res[r]["backward"] == want[r]["backward"] for r in range(n))
-                rows.append({"world_size": n, "strategy": s,
-                             "bytes_forward": max(r["forward"] for r in res),
-                             "bytes_backward": max(r["backward"] for r in res),
-                             "bytes_forward_per_layer_rank0": layer,
-                             "saved_activation_bytes": max(r["saved"] for r in res),
-                             "saved_vs_single": max(r["saved"] for r in res) / single["saved"],
-                             "matches_formula": ok})
+                want = [
+                    expected_bytes(
+                        s,
+                        model,
+                        batch=shape[0],
+                        frames=shape[1],
+                        patches=patches,
+                        world_size=n,
+                        rank=r,
+                        elem_size=4,
+                    )
+                    for r in range(n)
+                ]
+                kw = dict(
+                    batch=shape[0],
+                    frames=shape[1],
+                    patches=patches,
+                    world_size=n,
+                    rank=0,
+                    elem_size=4,
+                )
+                layer = (
+                    expected_bytes(s, build_model(args.model, depth=2), **kw)["forward"]
+                    - expected_bytes(s, build_model(args.model, depth=1), **kw)["forward"]
+                )
+                ok = all(
+                    res[r]["forward"] == want[r]["forward"]
+                    and res[r]["backward"] == want[r]["backward"]
+                    for r in range(n)
+                )
+                rows.append(
+                    {
+                        "world_size": n,
+                        "strategy": s,
+                        "bytes_forward": max(r["forward"] for r in res),
+                        "bytes_backward": max(r["backward"] for r in res),
+                        "bytes_forward_per_layer_rank0": layer,
+                        "saved_activation_bytes": max(r["saved"] for r in res),
+                        "saved_vs_single": max(r["saved"] for r in res) / single["saved"],
+                        "matches_formula": ok,
+                    }
+                )
                 print(rows[-1], flush=True)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    meta = {"benchmark": "strategy_table", "date": date, "host": socket.gethostname(),
-            "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "python": sys.version.split()[0], "torch": torch.__version__,
-            "dsp": dsp.__version__, "model": args.model, "depth": model.config.depth,
-            "shape_BTHW": shape, "patches_per_frame": patches, "dtype": "float32",
-            "single_process_saved_bytes": single["saved"]}
+    meta = {
+        "benchmark": "strategy_table",
+        "date": date,
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "dsp": dsp.__version__,
+        "model": args.model,
+        "depth": model.config.depth,
+        "shape_BTHW": shape,
+        "patches_per_frame": patches,
+        "dtype": "float32",
+        "single_process_saved_bytes": single["saved"],
+    }
     os.makedirs(args.out, exist_ok=True)
     stem = f"strategies_{args.model.replace('/', '-')}_{meta['host']}_{date[:10]}"
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=2)
     kib = 1024
-    md = [f"# Bytes and saved activations per rank: {args.model}", "",
-          f"- {date}, host {meta['host']} ({meta['cpu_count']} cores), torch {meta['torch']}, "
-          f"dsp {meta['dsp']}, gloo on loopback",
-          f"- {args.model} (depth {meta['depth']}), input (B, T, H, W) = {shape} -> T = "
-          f"{shape[1]}, S = {patches}, float32, one forward + backward, text length 8",
-          "- fwd/layer: one STDiT layer's forward bytes (rank 0, the formula, measured totals "
-          "checked against it); fwd/bwd per rank: the whole step, model entry and exit included",
-          f"- single process saves {single['saved'] / kib:.0f} KiB of activations",
-          f"- command: `python benchmarks/strategy_table.py --model {args.model} --world-size "
-          f"{' '.join(map(str, args.world_size))} --shape {' '.join(map(str, shape))}`", "",
-          "| N | strategy | fwd KiB/layer | fwd KiB/rank | bwd KiB/rank | saved KiB/rank | saved / single | "
-          "= formula |", "|---|---|---|---|---|---|---|---|"]
+    md = [
+        f"# Bytes and saved activations per rank: {args.model}",
+        "",
+        f"- {date}, host {meta['host']} ({meta['cpu_count']} cores), torch {meta['torch']}, "
+        f"dsp {meta['dsp']}, gloo on loopback",
+        f"- {args.model} (depth {meta['depth']}), input (B, T, H, W) = {shape} -> T = "
+        f"{shape[1]}, S = {patches}, float32, one forward + backward, text length 8",
+        "- fwd/layer: one STDiT layer's forward bytes (rank 0, the formula, measured totals "
+        "checked against it); fwd/bwd per rank: the whole step, model entry and exit included",
+        f"- single process saves {single['saved'] / kib:.0f} KiB of activations",
+        f"- command: `python benchmarks/strategy_table.py --model {args.model} --world-size "
+        f"{' '.join(map(str, args.world_size))} --shape {' '.join(map(str, shape))}`",
+        "",
+        "| N | strategy | fwd KiB/layer | fwd KiB/rank | bwd KiB/rank | saved KiB/rank "
+        "| saved / single | = formula |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        md.append(f"| {r['world_size']} | {r['strategy']} | "
-                  f"{r['bytes_forward_per_layer_rank0'] / kib:.1f} | {r['bytes_forward'] / kib:.1f} | "
-                  f"{r['bytes_backward'] / kib:.1f} | {r['saved_activation_bytes'] / kib:.0f} | "
-                  f"{r['saved_vs_single']:.3f} | {'yes' if r['matches_formula'] else 'NO'} |")
+        md.append(
+            f"| {r['world_size']} | {r['strategy']} | "
+            f"{r['bytes_forward_per_layer_rank0'] / kib:.1f} | "
+            f"{r['bytes_forward'] / kib:.1f} | "
+            f"{r['bytes_backward'] / kib:.1f} | {r['saved_activation_bytes'] / kib:.0f} | "
+            f"{r['saved_vs_single']:.3f} | {'yes' if r['matches_formula'] else 'NO'} |"
+        )
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))

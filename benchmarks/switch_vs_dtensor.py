@@ -110,8 +110,9 @@ def rank_job(shape, src, dst, repeats, warmup):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--world-size", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--shape", type=int, nargs=5, default=[2, 16, 32, 32, 64],
-                   metavar=("B", "T", "H", "W", "C"))
+    p.add_argument(
+        "--shape", type=int, nargs=5, default=[2, 16, 32, 32, 64], metavar=("B", "T", "H", "W", "C")
+    )
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default="benchmarks/results")
@@ -125,20 +126,28 @@ def main(argv=None) -> int:
         r0 = res[0]
         med_dsp = statistics.median(r0["dsp_times_s"])
         med_dt = statistics.median(r0["dtensor_times_s"])
-        rows.append({
-            "world_size": n,
-            "dsp_bytes_sent_per_rank": [r["dsp_bytes_sent"] for r in res],
-            "dtensor_bytes_sent_per_rank": [r["dtensor_bytes_sent"] for r in res],
-            "dsp_ops": r0["dsp_ops"],
-            "dtensor_ops": r0["dtensor_ops"],
-            "dsp_time_s": {"median": med_dsp, "min": min(r0["dsp_times_s"]),
-                           "max": max(r0["dsp_times_s"])},
-            "dtensor_time_s": {"median": med_dt, "min": min(r0["dtensor_times_s"]),
-                               "max": max(r0["dtensor_times_s"])},
-            "bytes_ratio": sum(r["dsp_bytes_sent"] for r in res)
-            / sum(r["dtensor_bytes_sent"] for r in res),
-            "time_ratio": med_dsp / med_dt,
-        })
+        rows.append(
+            {
+                "world_size": n,
+                "dsp_bytes_sent_per_rank": [r["dsp_bytes_sent"] for r in res],
+                "dtensor_bytes_sent_per_rank": [r["dtensor_bytes_sent"] for r in res],
+                "dsp_ops": r0["dsp_ops"],
+                "dtensor_ops": r0["dtensor_ops"],
+                "dsp_time_s": {
+                    "median": med_dsp,
+                    "min": min(r0["dsp_times_s"]),
+                    "max": max(r0["dsp_times_s"]),
+                },
+                "dtensor_time_s": {
+                    "median": med_dt,
+                    "min": min(r0["dtensor_times_s"]),
+                    "max": max(r0["dtensor_times_s"]),
+                },
+                "bytes_ratio": sum(r["dsp_bytes_sent"] for r in res)
+                / sum(r["dtensor_bytes_sent"] for r in res),
+                "time_ratio": med_dsp / med_dt,
+            }
+        )
     meta = {
         "benchmark": "switch_vs_dtensor",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -151,9 +160,15 @@ def main(argv=None) -> int:
         "dsp": dsp.__version__,
         "backend": "gloo (loopback)",
         "threads_per_rank": 1,
-        "config": {"shape_BTHWC": shape, "dtype": "float32", "src_dim": src, "dst_dim": dst,
-                   "activation_bytes": math.prod(shape) * 4, "repeats": args.repeats,
-                   "warmup": args.warmup},
+        "config": {
+            "shape_BTHWC": shape,
+            "dtype": "float32",
+            "src_dim": src,
+            "dst_dim": dst,
+            "activation_bytes": math.prod(shape) * 4,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+        },
     }
     os.makedirs(args.out, exist_ok=True)
     stem = f"switch_vs_dtensor_{meta['host']}_{meta['date'][:10]}"

@@ -10,6 +10,7 @@ Public API (a contract):
   planner in :mod:`dsp.parallelize` chooses (``dsp.parallelize.plan_model``).
 """
 
+from dsp import parallelize  # noqa: E402  (a callable module: dsp.parallelize(model, plan))
 from dsp.comm import (
     CommLog,
     CommRecord,
@@ -22,8 +23,6 @@ from dsp.comm import (
     switch,
 )
 from dsp.mesh import DEFAULT_TIMEOUT, init_process_group, new_group
-
-from dsp import parallelize  # noqa: E402  (a callable module: dsp.parallelize(model, plan))
 
 __version__ = "0.1.0"
 
