@@ -44,6 +44,7 @@ class BenchConfig:
     hidden: Optional[int] = None
     heads: Optional[int] = None
     text_len: int = 16
+    grad_sync: bool = True  # average gradients over the group after backward (train)
     options: Dict[str, int] = field(default_factory=dict)  # strategy options, e.g. usp degree
 
     def model_overrides(self) -> dict:
@@ -108,7 +109,8 @@ def rank_bench(cfg: BenchConfig) -> dict:
                 out = model(x, t, y)
             torch.nn.functional.mse_loss(out, target).backward()
         with comm_log() as sync_log:
-            strategy.sync_grads(model)
+            if cfg.grad_sync:
+                strategy.sync_grads(model)
         opt.step()
         if measure:
             stats.update(

@@ -57,6 +57,12 @@ def add_parser(sub) -> None:
     p.add_argument("--heads", type=int, default=None, help="override the number of heads")
     p.add_argument("--ulysses-degree", type=int, default=None, help="usp: Ulysses degree")
     p.add_argument(
+        "--no-grad-sync",
+        action="store_true",
+        help="train: skip the gradient all-reduce after backward (the same for every "
+        "sequence-parallel strategy; isolates their own communication)",
+    )
+    p.add_argument(
         "--single",
         action="store_true",
         help="also run the single-process reference (strategy none, N = 1)",
@@ -87,6 +93,7 @@ def configs_from_args(args):
         depth=args.depth,
         hidden=args.hidden,
         heads=args.heads,
+        grad_sync=not args.no_grad_sync,
     )
     configs = expand(
         base,
