@@ -394,8 +394,12 @@ class EmulatedLink:
 
     # -------------------------------------------------------------------------- helpers
     def rank_env(self) -> List[dict]:
-        """Per-rank environment for the workers: ``GLOO_SOCKET_IFNAME`` = the rank's veth."""
-        return [{"GLOO_SOCKET_IFNAME": ifn} for ifn in self.ifnames]
+        """Per-rank environment for the workers: ``GLOO_SOCKET_IFNAME`` = the rank's veth.
+
+        ``TORCH_CPP_LOG_LEVEL=ERROR`` hides c10d's "hostname of the client socket cannot be
+        retrieved" warning, harmless here (the namespaces' addresses have no host names).
+        """
+        return [{"GLOO_SOCKET_IFNAME": ifn, "TORCH_CPP_LOG_LEVEL": "ERROR"} for ifn in self.ifnames]
 
     def pool_kwargs(self) -> dict:
         """Keyword arguments that put a :class:`dsp.launch.RankPool` on this link."""

@@ -14,7 +14,7 @@ import torch
 
 import dsp
 
-__all__ = ["environment", "write_json", "markdown", "plot", "speedups"]
+__all__ = ["environment", "write_json", "markdown", "overhead_vs_bound", "plot", "speedups"]
 
 
 def environment() -> dict:
@@ -73,6 +73,55 @@ def speedups(results: List[dict], base: str = "dsp") -> List[dict]:
     return out
 
 
+def overhead_vs_bound(meta: dict, results: List[dict]) -> List[dict]:
+    """DSP's step time against ``single-process time / N + DSP's bytes / achieved bandwidth``.
+
+    Needs the single-process reference (``--single``) and an emulated link (whose achieved
+    per-rank all-to-all bandwidth was measured); the bound is what DSP cannot avoid.
+    """
+    links = meta.get("link", {}).get("per_world_size", {})
+    out = []
+    for r in results:
+        link = links.get(r["world_size"]) or links.get(str(r["world_size"])) or {}
+        bw = link.get("achieved_bytes_per_s")
+        if r["strategy"] != "dsp" or not r["step_time_s"] or not link.get("emulated") or not bw:
+            continue
+        single = next(
+            (
+                o
+                for o in results
+                if o["strategy"] == "none"
+                and o["world_size"] == 1
+                and o["step_time_s"]
+                and all(
+                    o[k] == r[k]
+                    for k in ("model", "frames", "height", "width", "batch", "mode", "depth")
+                )
+            ),
+            None,
+        )
+        if single is None:
+            continue
+        comm = (
+            r["bytes_sent_forward"] + r["bytes_sent_backward"] + (r["bytes_sent_grad_sync"] or 0)
+        ) / bw
+        bound = single["step_time_s"]["median"] / r["world_size"] + comm
+        out.append(
+            {
+                "world_size": r["world_size"],
+                "frames": r["frames"],
+                "height": r["height"],
+                "width": r["width"],
+                "single_s": single["step_time_s"]["median"],
+                "comm_s": comm,
+                "bound_s": bound,
+                "dsp_s": r["step_time_s"]["median"],
+                "ratio": r["step_time_s"]["median"] / bound,
+            }
+        )
+    return out
+
+
 def markdown(meta: dict, results: List[dict], title: str = "dsp bench") -> str:
     link = meta.get("link", {})
     lines = [
@@ -119,10 +168,27 @@ def markdown(meta: dict, results: List[dict], title: str = "dsp bench") -> str:
                 f"| {s['world_size']} | {s['frames']}x{s['height']}x{s['width']} | "
                 f"{s['baseline']} | {s['speedup']:.2f}x | {s['bytes_ratio']:.3f} |"
             )
+    ob = overhead_vs_bound(meta, results)
+    if ob:
+        lines += [
+            "",
+            "## DSP's step time against its unavoidable cost",
+            "",
+            "bound = single-process step / N + DSP's bytes / achieved link bandwidth",
+            "",
+            "| N | T x H x W | single s | bytes at link s | bound s | DSP s | DSP / bound |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for b in ob:
+            lines.append(
+                f"| {b['world_size']} | {b['frames']}x{b['height']}x{b['width']} | "
+                f"{b['single_s']:.3f} | {b['comm_s']:.3f} | {b['bound_s']:.3f} | "
+                f"{b['dsp_s']:.3f} | {b['ratio']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
-def plot(results: List[dict], out_dir: str) -> List[str]:
+def plot(results: List[dict], out_dir: str, prefix: str = "") -> List[str]:
     """Throughput vs sequence length, bytes per step, DSP speedups. Returns PNG paths."""
     try:
         import matplotlib
@@ -161,7 +227,7 @@ def plot(results: List[dict], out_dir: str) -> List[str]:
         )
         ax.legend()
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "throughput.png"))
+    paths.append(os.path.join(out_dir, prefix + "throughput.png"))
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
@@ -175,7 +241,7 @@ def plot(results: List[dict], out_dir: str) -> List[str]:
     ax.set(ylabel="MiB sent per rank per step", title="communication per step")
     ax.legend()
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "bytes.png"))
+    paths.append(os.path.join(out_dir, prefix + "bytes.png"))
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
@@ -191,7 +257,7 @@ def plot(results: List[dict], out_dir: str) -> List[str]:
         )
         ax.set(ylabel="DSP throughput / baseline", title="speedup of DSP")
         fig.tight_layout()
-        paths.append(os.path.join(out_dir, "speedup.png"))
+        paths.append(os.path.join(out_dir, prefix + "speedup.png"))
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths

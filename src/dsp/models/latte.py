@@ -14,28 +14,21 @@ is the same for every frame); position tables computed at run time.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from dsp.models.dit import VideoDiT
 from dsp.models.layers import (
     Attention,
     CrossAttention,
-    FinalLayer,
     Mlp,
-    PatchEmbed3D,
     TemporalPosEmbed,
-    TimestepEmbedder,
     adaln_params,
     check_heads,
-    check_text,
-    init_weights,
     modulate,
-    sincos_2d,
-    unpatchify,
 )
 
 
@@ -114,23 +107,16 @@ class LatteBlock(nn.Module):
         return x  # (B, T, S, C)
 
 
-class Latte(nn.Module):
+class Latte(VideoDiT):
     """Latte text-to-video transformer: ``(x, timestep, y, mask) -> (B, C_out, T, H, W)``.
 
     Same inputs and outputs as :class:`~dsp.models.stdit.STDiT`.
     """
 
-    def __init__(self, config: LatteConfig):
-        super().__init__()
-        self.config = c = config
-        dim = c.hidden_size
-        self.x_embedder = PatchEmbed3D(c.patch_size, c.in_channels, dim)
-        self.t_embedder = TimestepEmbedder(dim)
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))  # adaLN-single
-        self.y_embedder = Mlp(c.caption_channels, dim, dim)  # caption projection
-        self.blocks = nn.ModuleList(
+    def build_blocks(self, c) -> nn.ModuleList:
+        return nn.ModuleList(
             LatteBlock(
-                dim,
+                c.hidden_size,
                 c.num_heads,
                 attn_dim="S" if i % 2 == 0 else "T",
                 mlp_ratio=c.mlp_ratio,
@@ -140,33 +126,7 @@ class Latte(nn.Module):
             )
             for i in range(c.depth)
         )
-        self.final_layer = FinalLayer(dim, math.prod(c.patch_size) * c.out_channels)
-        self.initialize_weights()
 
-    def initialize_weights(self) -> None:
-        """PixArt-style init; with ``config.zero_init`` the cross-attention
-        output projections and the final layer start at zero."""
-        zero = [self.final_layer.linear]
-        zero += [b.cross_attn.proj for b in self.blocks if b.cross_attn is not None]
-        normal = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1]]
-        normal += [self.y_embedder.fc1, self.y_embedder.fc2]
-        init_weights(self, normal=normal, zero=zero if self.config.zero_init else ())
-
-    def forward(
-        self, x: Tensor, timestep: Tensor, y: Tensor, mask: Optional[Tensor] = None
-    ) -> Tensor:
-        mask = check_text(y, mask)
-        _, ph, pw = self.config.patch_size
-        h, w = x.shape[3] // ph, x.shape[4] // pw
-        x = self.x_embedder(x)  # (B, T, S, C)
-        pos = sincos_2d(x.shape[-1], h, w, scale=self.config.space_scale, device=x.device)
-        x = (
-            x + pos.to(x.dtype)[None, None]
-        )  # (1, 1, S, C): needs the full S, added before any split
-        t = self.t_embedder(timestep)  # (B, C)
-        t0 = self.t_block(t)  # (B, 6C)
-        y = self.y_embedder(y)  # (B, L, C)
-        for block in self.blocks:
-            x = block(x, y, t0, mask)  # (B, T, S, C)
-        x = self.final_layer(x, t)  # (B, T, S, pt*ph*pw*C_out)
-        return unpatchify(x, self.config.patch_size, h, w)  # (B, C_out, T, H, W)
+    def zero_init_layers(self):
+        """PixArt: the cross-attention output projections start at zero."""
+        return [b.cross_attn.proj for b in self.blocks if b.cross_attn is not None]

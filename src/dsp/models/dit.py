@@ -1,0 +1,79 @@
+"""The shell both video diffusion transformers share: embedders, blocks, final layer.
+
+``x (B, C_in, T, H, W)`` -> patch embedding + spatial sin-cos positions -> ``(B, T, S, C)``
+-> ``blocks`` (each ``block(x, y, t0, mask)``) -> final layer -> unpatchify. Subclasses
+build the blocks and name the layers that start at zero under ``config.zero_init``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+from torch import Tensor, nn
+
+from dsp.models.layers import (
+    FinalLayer,
+    Mlp,
+    PatchEmbed3D,
+    TimestepEmbedder,
+    check_text,
+    init_weights,
+    sincos_2d,
+    unpatchify,
+)
+
+
+class VideoDiT(nn.Module):
+    """``(x, timestep, y, mask) -> (B, C_out, T, H, W)``.
+
+    Args of ``forward``:
+        x: latent video ``(B, C_in, T, H, W)``.
+        timestep: diffusion steps ``(B,)``.
+        y: text embeddings ``(B, L, caption_channels)``.
+        mask: optional ``(B, L)``, True/1 for real text tokens.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        dim = c.hidden_size
+        self.x_embedder = PatchEmbed3D(c.patch_size, c.in_channels, dim)
+        self.t_embedder = TimestepEmbedder(dim)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))  # adaLN-single
+        self.y_embedder = Mlp(c.caption_channels, dim, dim)  # caption projection
+        self.blocks = self.build_blocks(c)
+        self.final_layer = FinalLayer(dim, math.prod(c.patch_size) * c.out_channels)
+        self.initialize_weights()
+
+    def build_blocks(self, config) -> nn.ModuleList:  # pragma: no cover - overridden
+        """The transformer blocks, each called as ``block(x, y, t0, mask)``."""
+        raise TypeError(f"{type(self).__name__} must define build_blocks()")
+
+    def zero_init_layers(self) -> List[nn.Module]:
+        """Output projections that start at zero (besides the final layer's)."""
+        return []
+
+    def initialize_weights(self) -> None:
+        """PixArt / Open-Sora init; with ``config.zero_init`` some output layers start at 0."""
+        zero = [self.final_layer.linear, *self.zero_init_layers()]
+        normal = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1]]
+        normal += [self.y_embedder.fc1, self.y_embedder.fc2]
+        init_weights(self, normal=normal, zero=zero if self.config.zero_init else ())
+
+    def forward(
+        self, x: Tensor, timestep: Tensor, y: Tensor, mask: Optional[Tensor] = None
+    ) -> Tensor:
+        mask = check_text(y, mask)
+        _, ph, pw = self.config.patch_size
+        h, w = x.shape[3] // ph, x.shape[4] // pw
+        x = self.x_embedder(x)  # (B, T, S, C)
+        pos = sincos_2d(x.shape[-1], h, w, scale=self.config.space_scale, device=x.device)
+        x = x + pos.to(x.dtype)[None, None]  # (1, 1, S, C): needs the full S, before any split
+        t = self.t_embedder(timestep)  # (B, C)
+        t0 = self.t_block(t)  # (B, 6C)
+        y = self.y_embedder(y)  # (B, L, C)
+        for block in self.blocks:
+            x = block(x, y, t0, mask)  # (B, T, S, C)
+        x = self.final_layer(x, t)  # (B, T, S, pt*ph*pw*C_out)
+        return unpatchify(x, self.config.patch_size, h, w)  # (B, C_out, T, H, W)
