@@ -9,6 +9,7 @@ small distributed runs cost one start-up. ``fn`` must be importable (a module-le
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
@@ -66,6 +67,20 @@ def enter_netns(name: str) -> None:
             raise OSError(err, f"setns({path!r}, CLONE_NEWNET) failed: {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _environ(update: dict):
+    saved = {k: os.environ.get(k) for k in update}
+    os.environ.update(update)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _worker(
@@ -156,6 +171,10 @@ class RankPool:
         self._outq = ctx.Queue()
         self._inqs = [ctx.Queue() for _ in range(world_size)]
         port = free_port()
+        envs = [
+            {**(env or {}), **(rank_env[r] if rank_env is not None else {})}
+            for r in range(world_size)
+        ]
         self._procs = [
             ctx.Process(
                 target=_worker,
@@ -168,7 +187,7 @@ class RankPool:
                     timeout,
                     threads,
                     list(sys.path),
-                    {**(env or {}), **(rank_env[r] if rank_env is not None else {})},
+                    envs[r],
                     self._inqs[r],
                     self._outq,
                     netns[r] if netns is not None else None,
@@ -177,8 +196,12 @@ class RankPool:
             )
             for r in range(world_size)
         ]
-        for p in self._procs:
-            p.start()
+        for p, rank_environ in zip(self._procs, envs):
+            # The child imports torch while unpickling its target, before _worker runs: put
+            # its environment in place at spawn time too (e.g. TORCH_CPP_LOG_LEVEL), then
+            # restore ours.
+            with _environ(rank_environ):
+                p.start()
 
     def run(self, fn: Callable, *args: Any, **kwargs: Any) -> List[Any]:
         """Run ``fn(*args, **kwargs)`` on every rank; return the per-rank results in order.
