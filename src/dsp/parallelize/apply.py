@@ -2,7 +2,8 @@
 
 Hooks, registered in this order so that they compose on a shared module:
 
-1. entry (pre-hook): split the stream's input on its entry dim, ``grad_scale="down"``;
+1. entry (pre-hook): split the stream's input on its entry dim, ``grad_mode="shard"`` (its
+   backward keeps this rank's part, no communication: the gradient average completes it);
 2. relayout (pre-hook on a block): switch the block's input to the new resting layout;
 3. compute stage (pre- and forward hook): switch the first input to the stage's dim and the
    output back (or into the output stream's layout);
@@ -71,7 +72,7 @@ class Parallelized:
                     f"stream {s.name!r}: dim {s.shard!r} of length {length} < {n} ranks"
                 )
             self.layout[s.name] = s.shard
-            x = split(x, s.index(s.shard), self.group, grad_scale="down")  # full -> shard
+            x = split(x, s.index(s.shard), self.group, grad_mode="shard")  # full -> shard
             return args[: s.arg] + (x,) + args[s.arg + 1 :]
 
         return hook

@@ -99,7 +99,7 @@ def simulate(
             _check_shard(stream.shard, stream, trace, n, even_only, f"stream {stream.name!r}")
             layout[ev.stream] = stream.shard
             info = as_stream(ev, stream)
-            cost.add(f"split {ev.stream}", 0, gather_bytes(info, n) if info.grad else 0)
+            cost.add(f"split {ev.stream}", 0, 0)  # grad_mode="shard": no backward bytes
         elif ev.kind == "exit":
             cost.add(f"gather {ev.stream}", gather_bytes(ev.info, n), 0)
             layout[ev.stream] = None

@@ -4,7 +4,7 @@ Stages (the outermost modules that compute over some of a stream's sequence dims
 shapes at each come from a recording (:func:`record`). Dynamic programming over the events
 in forward order; the state is the resting layout (sharded dim) of every stream:
 
-* at a stream's entry: any legal dim (split: nothing sent; its backward gathers);
+* at a stream's entry: any legal dim (split: nothing sent, its backward neither);
 * at a block boundary: keep the layout, or relayout (one switch of the block input);
 * at a stage: shard any legal dim it does not compute over; if it is not the resting one,
   switch the input there and the output back (or into the output stream's layout);
@@ -192,8 +192,8 @@ class _Search:
         def put(d):
             return state[:k] + (d,) + state[k + 1 :]
 
-        if ev.kind == "entry":  # nothing sent; the backward of split gathers the gradient
-            split = gather_bytes(ev.info, self.n) if ev.info.grad else 0
+        if ev.kind == "entry":  # nothing sent either way (grad_mode="shard")
+            split = 0
             return [
                 (put(d), (split, imbalance(self.size(d), self.n)), ("entry", ev, d))
                 for d in self.legal_dims(stream)
