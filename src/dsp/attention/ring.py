@@ -34,7 +34,7 @@ capability check without changing the communication.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -256,11 +256,14 @@ def ring_attention(
 class RingCore:
     """Attention core for ``module.core = RingCore(group, seq_sizes)``: calls ring attention.
 
-    ``seq_sizes`` is a plain attribute; a strategy may set it before each forward.
+    ``seq_sizes``: every rank's block length, or a callable returning them at call time (a
+    strategy whose sizes are known only once the model's input arrives).
     """
 
     def __init__(
-        self, group: Optional[ProcessGroup] = None, seq_sizes: Optional[Sequence[int]] = None
+        self,
+        group: Optional[ProcessGroup] = None,
+        seq_sizes: Union[Sequence[int], Callable[[], Sequence[int]], None] = None,
     ):
         self.group = group
         self.seq_sizes = seq_sizes
@@ -269,7 +272,8 @@ class RingCore:
         """``(B, L_r, H, D)`` blocks in, this rank's rows out; ``mask`` must be ``None``."""
         if mask is not None:
             raise ValueError("RingCore: masks are not supported (self-attention without mask)")
-        return ring_attention(q, k, v, self.group, seq_sizes=self.seq_sizes)
+        sizes = self.seq_sizes() if callable(self.seq_sizes) else self.seq_sizes
+        return ring_attention(q, k, v, self.group, seq_sizes=sizes)
 
     def __repr__(self) -> str:
         return f"RingCore(seq_sizes={self.seq_sizes})"

@@ -54,14 +54,20 @@ def _pools_for(n: int, link: str):
             "reason": cal.reason,
         }
         pool_kwargs = cal.link.pool_kwargs() if cal.link is not None else {}
+        replacements = []
 
         def get(_n: int):
             if cal.pool.broken:  # a failed config left ranks out of step: a fresh pool
                 cal.pool.close()
                 cal.pool = RankPool(n, timeout=600, **pool_kwargs)
+                replacements.append(cal.pool)
             return cal.pool
 
-        yield get, meta
+        try:
+            yield get, meta
+        finally:  # before the link (and its namespaces) goes away
+            for pool in replacements:
+                pool.close()
 
 
 def run_sweep(

@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch.distributed
+
 from dsp.cli.table import human_bytes, print_table
 from dsp.cli.train import set_threads, under_torchrun
 
@@ -94,7 +96,11 @@ def run(args) -> int:
             world = int(os.environ["WORLD_SIZE"])
             if args.world_size is not None and args.world_size != world:
                 raise ValueError(f"--world-size {args.world_size} but torchrun started {world}")
-            result = _sample_rank(cfg)
+            try:
+                result = _sample_rank(cfg)
+            finally:
+                if torch.distributed.is_initialized():
+                    torch.distributed.destroy_process_group()
             if int(os.environ["RANK"]) != 0:
                 return 0
         else:
@@ -109,6 +115,11 @@ def run(args) -> int:
             if world == 1:
                 result = _sample_rank(cfg)
             else:
+                if args.device == "cuda":
+                    raise ValueError(
+                        "local multi-rank runs use CPU ranks (gloo); on GPUs start one "
+                        "process per GPU with torchrun (see docs/training.md)"
+                    )
                 from dsp.launch import RankPool
 
                 with RankPool(world, timeout=300, threads=args.threads or 1) as pool:

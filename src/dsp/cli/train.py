@@ -20,6 +20,8 @@ import json
 import os
 import sys
 
+import torch.distributed
+
 from dsp.cli.table import print_table
 
 
@@ -184,7 +186,11 @@ def run(args) -> int:
                     f"--world-size {args.world_size} but torchrun started {world} processes"
                 )
             ParallelDims.resolve(("dp", "sp"), (cfg.dp, cfg.sp), world)
-            result = _train_rank(cfg)
+            try:
+                result = _train_rank(cfg)
+            finally:
+                if torch.distributed.is_initialized():
+                    torch.distributed.destroy_process_group()
             if int(os.environ["RANK"]) != 0:
                 return 0
         else:
@@ -193,6 +199,11 @@ def run(args) -> int:
             if world == 1:
                 result = _train_rank(cfg)
             else:
+                if args.device == "cuda":
+                    raise ValueError(
+                        "local multi-rank runs use CPU ranks (gloo); on GPUs start one "
+                        "process per GPU with torchrun (see docs/training.md)"
+                    )
                 from dsp.launch import RankPool
 
                 with RankPool(world, timeout=300, threads=args.threads or 1) as pool:

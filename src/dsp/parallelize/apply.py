@@ -63,8 +63,6 @@ class Parallelized:
                     f"stream {s.name!r} names {len(s.dims)} dims {s.dims}, but the input of "
                     f"{s.entry!r} has shape {tuple(x.shape)}"
                 )
-            if all(v is None for v in self.layout.values()):
-                self._stack.clear()  # a new forward
             self.sizes[s.name] = dict(zip(s.dims, x.shape))
             length, n = self.sizes[s.name][s.shard], self.info.size
             if length < n:
@@ -168,16 +166,19 @@ class Parallelized:
                 )
         for s in plan.streams:
             h.append(mods[s.exit].register_forward_hook(self._exit(s)))
+        # every forward starts clean, even after one that raised half-way
+        h.append(self.model.register_forward_pre_hook(self._reset, prepend=True))
+
+    def _reset(self, _mod, _args) -> None:
+        self._stack.clear()
+        for name in self.layout:
+            self.layout[name] = None
 
     # ------------------------------------------------------------------ public
     def sync_grads(self, model: Optional[nn.Module] = None) -> None:
         """Average every parameter gradient over the group (in place)."""
-        n = self.info.size
-        if n == 1:
-            return
-        for p in (model or self.model).parameters():
-            if p.grad is not None:
-                C.all_reduce(p.grad, self.group, tag="grad_sync").div_(n)
+        grads = [p.grad for p in (model or self.model).parameters() if p.grad is not None]
+        C.all_reduce_coalesced(grads, self.group, average=True, tag="grad_sync")
 
     def remove(self) -> None:
         """Remove every hook: the model is single-device again."""

@@ -117,21 +117,15 @@ class Strategy:
         if self.info is None or self.info.size == 1:
             return
         n = self.info.size
-        by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+        replicated = []
         for name, p in model.named_parameters():
             if p.grad is None:
                 continue
             if self.is_tensor_parallel(name):
                 p.grad.div_(n)
             else:
-                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-        for grads in by_dtype.values():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            C.all_reduce(flat, self.group, tag="grad_sync").div_(n)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+                replicated.append(p.grad)
+        C.all_reduce_coalesced(replicated, self.group, average=True, tag="grad_sync")
 
     def full_grads(self, model: nn.Module) -> Dict[str, torch.Tensor]:
         """Every parameter's full gradient (after :meth:`sync_grads`), for comparisons."""

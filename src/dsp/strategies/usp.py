@@ -14,10 +14,10 @@ from typing import List, Optional
 import torch.distributed as dist
 from torch import nn
 
+from dsp.attention.ring import RingCore
 from dsp.comm.shards import shard_sizes
 from dsp.mesh import split_group
 from dsp.strategies.base import SequenceSharded
-from dsp.strategies.ring import RingSeqCore
 from dsp.strategies.ulysses import UlyssesCore, sharded_attentions
 
 
@@ -55,7 +55,7 @@ class USP(SequenceSharded):
         ulysses_group, ring_group = split_group(self.group, self.u)
         ring_idx = self.info.rank // self.u
         for _, mod in attns:
-            ring = RingSeqCore(ring_group, lambda: self.chunk_sizes(dim))
+            ring = RingCore(ring_group, lambda: self.chunk_sizes(dim))
             mod.core = UlyssesCore(
                 self,
                 dim,
