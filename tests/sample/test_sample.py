@@ -5,9 +5,9 @@ import torch
 
 from dsp.cli import main
 from dsp.sample import SampleConfig, sample
-from dsp.sample.flow import euler_step, guided, interpolate, time_grid, velocity_target
 from dsp.sample.video import to_frames, write_gif_builtin
 from dsp.train import TrainConfig, train
+from dsp.train.flow import euler_step, guided, interpolate, time_grid, velocity_target
 
 from . import _cases
 

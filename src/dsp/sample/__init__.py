@@ -7,9 +7,9 @@
 See docs/training.md.
 """
 
-from dsp.sample.flow import euler_step, flow_loss, guided, interpolate, time_grid
 from dsp.sample.sampler import SampleConfig, SampleResult, sample
 from dsp.sample.video import tile, to_frames, write_video
+from dsp.train.flow import euler_step, flow_loss, guided, interpolate, time_grid
 
 __all__ = [
     "SampleConfig",

@@ -30,7 +30,7 @@ from dsp.comm import collectives as C
 from dsp.comm.log import comm_log
 from dsp.data import CaptionEncoder, PatchCodec
 from dsp.data.seeds import sample_seed
-from dsp.sample.flow import euler_step, guided, model_time, time_grid
+from dsp.train.flow import euler_step, guided, model_time, time_grid
 from dsp.train.runtime import ParallelDims, autocast_dtype, init_runtime
 
 __all__ = ["SampleConfig", "SampleResult", "sample"]

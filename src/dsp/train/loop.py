@@ -27,8 +27,8 @@ from torch import nn
 from dsp.comm import collectives as C
 from dsp.comm.shards import shard_offsets, shard_sizes
 from dsp.data import CaptionEncoder, MovingShapes, PatchCodec, make_batch
-from dsp.sample.flow import flow_loss, interpolate, model_time, velocity_target
 from dsp.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dsp.train.flow import flow_loss, interpolate, model_time, velocity_target
 from dsp.train.progress import ProgressBar
 from dsp.train.runtime import ParallelDims, Runtime, autocast_dtype, init_runtime
 from dsp.train.wrap import (
