@@ -227,7 +227,8 @@ def plot(results: List[dict], out_dir: str, prefix: str = "") -> List[str]:
             ylabel="tokens / s",
             xscale="log",
         )
-        ax.legend()
+        ax.set_ylim(bottom=0)
+        ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, prefix + "throughput.png"))
     fig.savefig(paths[-1], dpi=120)
