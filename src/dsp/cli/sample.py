@@ -19,10 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-import torch.distributed
-
 from dsp.cli.table import human_bytes, print_table
-from dsp.cli.train import set_threads, under_torchrun
+from dsp.cli.train import run_job, set_threads, under_torchrun
 
 
 def add_parser(sub) -> None:
@@ -96,13 +94,6 @@ def run(args) -> int:
             world = int(os.environ["WORLD_SIZE"])
             if args.world_size is not None and args.world_size != world:
                 raise ValueError(f"--world-size {args.world_size} but torchrun started {world}")
-            try:
-                result = _sample_rank(cfg)
-            finally:
-                if torch.distributed.is_initialized():
-                    torch.distributed.destroy_process_group()
-            if int(os.environ["RANK"]) != 0:
-                return 0
         else:
             world = args.world_size or (2 if args.cfg_parallel else 1)
             if world < 1:
@@ -112,18 +103,9 @@ def run(args) -> int:
                     f"--cfg-parallel needs an even --world-size (cond and uncond halves), "
                     f"got {world}"
                 )
-            if world == 1:
-                result = _sample_rank(cfg)
-            else:
-                if args.device == "cuda":
-                    raise ValueError(
-                        "local multi-rank runs use CPU ranks (gloo); on GPUs start one "
-                        "process per GPU with torchrun (see docs/training.md)"
-                    )
-                from dsp.launch import RankPool
-
-                with RankPool(world, timeout=300, threads=args.threads or 1) as pool:
-                    result = pool.run(_sample_rank, cfg)[0]
+        result = run_job(_sample_rank, cfg, world, args)
+        if result is None:
+            return 0
     except (ValueError, FileNotFoundError) as e:
         print(f"dsp sample: error: {e}", file=sys.stderr)
         return 2

@@ -173,6 +173,32 @@ def set_threads(threads) -> None:
         torch.set_num_threads(threads)
 
 
+def run_job(fn, cfg, world: int, args):
+    """Run ``fn(cfg)`` on this torchrun process, or on ``world`` local CPU ranks.
+
+    Returns rank 0's result, or ``None`` on the other torchrun ranks. Under torchrun the
+    process group is destroyed afterwards, also when ``fn`` raises.
+    """
+    if under_torchrun():
+        try:
+            result = fn(cfg)
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        return result if int(os.environ["RANK"]) == 0 else None
+    if world == 1:
+        return fn(cfg)
+    if args.device == "cuda":
+        raise ValueError(
+            "local multi-rank runs use CPU ranks (gloo); on GPUs start one process per GPU "
+            "with torchrun (see docs/training.md)"
+        )
+    from dsp.launch import RankPool
+
+    with RankPool(world, timeout=300, threads=args.threads or 1) as pool:
+        return pool.run(fn, cfg)[0]
+
+
 def run(args) -> int:
     from dsp.train.runtime import ParallelDims
 
@@ -185,29 +211,12 @@ def run(args) -> int:
                 raise ValueError(
                     f"--world-size {args.world_size} but torchrun started {world} processes"
                 )
-            ParallelDims.resolve(("dp", "sp"), (cfg.dp, cfg.sp), world)
-            try:
-                result = _train_rank(cfg)
-            finally:
-                if torch.distributed.is_initialized():
-                    torch.distributed.destroy_process_group()
-            if int(os.environ["RANK"]) != 0:
-                return 0
         else:
             world = local_world(args.world_size, (cfg.dp, cfg.sp))
-            ParallelDims.resolve(("dp", "sp"), (cfg.dp, cfg.sp), world)
-            if world == 1:
-                result = _train_rank(cfg)
-            else:
-                if args.device == "cuda":
-                    raise ValueError(
-                        "local multi-rank runs use CPU ranks (gloo); on GPUs start one "
-                        "process per GPU with torchrun (see docs/training.md)"
-                    )
-                from dsp.launch import RankPool
-
-                with RankPool(world, timeout=300, threads=args.threads or 1) as pool:
-                    result = pool.run(_train_rank, cfg)[0]
+        ParallelDims.resolve(("dp", "sp"), (cfg.dp, cfg.sp), world)
+        result = run_job(_train_rank, cfg, world, args)
+        if result is None:
+            return 0
     except ValueError as e:
         print(f"dsp train: error: {e}", file=sys.stderr)
         return 2
