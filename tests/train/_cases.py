@@ -60,3 +60,23 @@ def run_with_failing_save(fail_step: int, fail_rank: int, **kw):
     except Exception as e:  # noqa: BLE001 - reported to the test
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def save_into_unusable_root(root: str):
+    """Rank 0 cannot create the checkpoint directory (``root`` is a file): every rank raises
+    at once instead of the others waiting in a barrier for the group's timeout."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from dsp.train.checkpoint import save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    start = time.monotonic()
+    try:
+        save_checkpoint(root, 1, model, opt, {}, rank=dist.get_rank())
+    except (OSError, RuntimeError) as e:
+        return type(e).__name__, str(e), time.monotonic() - start
+    raise AssertionError("save_checkpoint did not raise")

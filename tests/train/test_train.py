@@ -166,3 +166,12 @@ def test_log_json(tmp_path):
     data = json.loads(path.read_text())
     assert data["losses"] == result.losses and data["tokens_per_s"] > 0
     assert data["layout"]["world_size"] == 1
+
+
+def test_a_failure_on_rank_0_raises_on_every_rank(pools, tmp_path):
+    root = tmp_path / "not_a_dir"
+    root.write_text("a file where the checkpoint root should be")
+    out = pools.run(2, _cases.save_into_unusable_root, str(root))
+    assert out[0][0] in ("FileExistsError", "NotADirectoryError", "OSError")
+    assert out[1][0] == "RuntimeError" and "failed on another rank" in out[1][1]
+    assert all(elapsed < 30 for _, _, elapsed in out)  # not the group's timeout

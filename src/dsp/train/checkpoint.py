@@ -160,18 +160,23 @@ def save_checkpoint(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from dsp.train.runtime import barrier
+    from dsp.train.runtime import barrier, barrier_or_raise
 
     root = Path(root)
     device = device if device is not None else torch.device("cpu")
     final = root / step_dir_name(step)
     tmp = root / (final.name + ".tmp")
+    error = None
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("step_*.tmp"):  # interrupted saves: never complete, never read
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    barrier(device)  # the directory exists before any rank writes into it
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob("step_*.tmp"):  # interrupted saves: never complete or read
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:
+            error = e
+    # the directory exists before any rank writes into it (or every rank raises)
+    barrier_or_raise(device, error, f"creating {tmp}")
     writer = (storage_writer or dcp.FileSystemWriter)(tmp)
     try:
         with _quiet():
@@ -186,24 +191,27 @@ def save_checkpoint(
         ) from None
     barrier(device)  # every rank's files are written (DCP's finish step gathered them too)
     if rank == 0:
-        (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
-        with open(tmp / META) as f:
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if final.exists():  # saving the same step again (after a resume): swap safely
-            old = root / (final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / LATEST, final.name + "\n")
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in complete_checkpoints(root)[: -max(1, keep)]:
-            if stale != final:  # never the one `latest` now names
-                shutil.rmtree(stale, ignore_errors=True)
-    barrier(device)
+        try:
+            (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
+            with open(tmp / META) as f:
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            old = None
+            if final.exists():  # saving the same step again (after a resume): swap safely
+                old = root / (final.name + ".old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            _write_atomic(root / LATEST, final.name + "\n")
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            for stale in complete_checkpoints(root)[: -max(1, keep)]:
+                if stale != final:  # never the one `latest` now names
+                    shutil.rmtree(stale, ignore_errors=True)
+        except OSError as e:
+            error = e
+    barrier_or_raise(device, error, f"publishing checkpoint {final}")
     return final
 
 

@@ -23,7 +23,14 @@ import torch.distributed as dist
 
 import dsp
 
-__all__ = ["Runtime", "ParallelDims", "init_runtime", "autocast_dtype", "barrier"]
+__all__ = [
+    "Runtime",
+    "ParallelDims",
+    "init_runtime",
+    "autocast_dtype",
+    "barrier",
+    "barrier_or_raise",
+]
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,27 @@ def barrier(device: torch.device, group: Optional[dist.ProcessGroup] = None) -> 
         from dsp.comm import collectives as C
 
         C.all_reduce(torch.zeros(1, device=device), group, tag="barrier")
+
+
+def barrier_or_raise(
+    device: torch.device,
+    error: Optional[BaseException],
+    what: str,
+    group: Optional[dist.ProcessGroup] = None,
+) -> None:
+    """A barrier that also agrees on failure: if any rank passes an ``error``, every rank
+    raises (that rank its own error, the others a ``RuntimeError`` naming ``what``), so a
+    failure on one rank never leaves the others waiting for the group's timeout."""
+    failed = 1.0 if error is not None else 0.0
+    if dist.is_initialized():
+        from dsp.comm import collectives as C
+
+        flag = torch.full((1,), failed, device=device)
+        failed = C.all_reduce(flag, group, tag="barrier").item()
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"{what} failed on another rank; see that rank's error")
 
 
 @dataclass(frozen=True)
