@@ -8,7 +8,8 @@ build the blocks and name the layers that start at zero under ``config.zero_init
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -17,11 +18,40 @@ from dsp.models.layers import (
     Mlp,
     PatchEmbed3D,
     TimestepEmbedder,
+    check_heads,
     check_text,
     init_weights,
     sincos_2d,
     unpatchify,
 )
+
+
+@dataclass(frozen=True)
+class VideoDiTConfig:
+    """Hyper-parameters shared by the video DiTs (defaults: the XL/2 sizes)."""
+
+    depth: int = 28
+    hidden_size: int = 1152
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    in_channels: int = 4
+    patch_size: Tuple[int, int, int] = (1, 2, 2)
+    caption_channels: int = 4096  # T5-XXL
+    learn_sigma: bool = True  # predict the variance too: out_channels = 2 * in_channels
+    space_scale: float = 1.0  # spatial positions are divided by this
+    time_scale: float = 1.0  # temporal positions are divided by this
+    zero_init: bool = True  # some output projections start at zero (see zero_init_layers)
+
+    def __post_init__(self):
+        check_heads(self.hidden_size, self.num_heads)
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size must be divisible by 4, got {self.hidden_size}")
+        if self.depth < 1 or len(self.patch_size) != 3:
+            raise ValueError(f"bad depth={self.depth} or patch_size={self.patch_size}")
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
 
 class VideoDiT(nn.Module):

@@ -15,51 +15,33 @@ is the same for every frame); position tables computed at run time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from dsp.models.dit import VideoDiT
+from dsp.models.dit import VideoDiT, VideoDiTConfig
 from dsp.models.layers import (
     Attention,
     CrossAttention,
     Mlp,
     TemporalPosEmbed,
     adaln_params,
-    check_heads,
     modulate,
 )
 
 
 @dataclass(frozen=True)
-class LatteConfig:
-    """Hyper-parameters of :class:`Latte` (defaults: Latte-XL/2, 14 spatial + 14 temporal)."""
+class LatteConfig(VideoDiTConfig):
+    """Hyper-parameters of :class:`Latte` (defaults: Latte-XL/2, 14 spatial + 14 temporal).
 
-    depth: int = 28  # all blocks; must be even
-    hidden_size: int = 1152
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    in_channels: int = 4
-    patch_size: Tuple[int, int, int] = (1, 2, 2)
-    caption_channels: int = 4096  # T5-XXL
-    learn_sigma: bool = True  # predict the variance too: out_channels = 2 * in_channels
-    space_scale: float = 1.0  # spatial positions are divided by this
-    time_scale: float = 1.0  # temporal positions are divided by this
-    zero_init: bool = True  # PixArt init: cross-attn and final projections start at zero
+    ``depth`` counts all blocks and must be even.
+    """
 
     def __post_init__(self):
-        check_heads(self.hidden_size, self.num_heads)
-        if self.hidden_size % 4:
-            raise ValueError(f"hidden_size must be divisible by 4, got {self.hidden_size}")
+        super().__post_init__()
         if self.depth < 2 or self.depth % 2:
             raise ValueError(f"Latte depth counts all blocks, must be even >= 2, got {self.depth}")
-        if len(self.patch_size) != 3:
-            raise ValueError(f"patch_size must have 3 entries, got {self.patch_size}")
-
-    @property
-    def out_channels(self) -> int:
-        return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
 
 class LatteBlock(nn.Module):

@@ -12,49 +12,25 @@ text prompts of different lengths use a key-padding mask instead of packing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from dsp.models.dit import VideoDiT
+from dsp.models.dit import VideoDiT, VideoDiTConfig
 from dsp.models.layers import (
     Attention,
     CrossAttention,
     Mlp,
     TemporalPosEmbed,
     adaln_params,
-    check_heads,
     modulate,
 )
 
 
 @dataclass(frozen=True)
-class STDiTConfig:
+class STDiTConfig(VideoDiTConfig):
     """Hyper-parameters of :class:`STDiT` (defaults: STDiT-XL/2)."""
-
-    depth: int = 28
-    hidden_size: int = 1152
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    in_channels: int = 4
-    patch_size: Tuple[int, int, int] = (1, 2, 2)
-    caption_channels: int = 4096  # T5-XXL
-    learn_sigma: bool = True  # predict the variance too: out_channels = 2 * in_channels
-    space_scale: float = 1.0  # spatial positions are divided by this
-    time_scale: float = 1.0  # temporal positions are divided by this
-    zero_init: bool = True  # Open-Sora init: output projections start at zero
-
-    def __post_init__(self):
-        check_heads(self.hidden_size, self.num_heads)
-        if self.hidden_size % 4:
-            raise ValueError(f"hidden_size must be divisible by 4, got {self.hidden_size}")
-        if self.depth < 1 or len(self.patch_size) != 3:
-            raise ValueError(f"bad depth={self.depth} or patch_size={self.patch_size}")
-
-    @property
-    def out_channels(self) -> int:
-        return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
 
 class STDiTBlock(nn.Module):
