@@ -40,9 +40,15 @@ def test_plans_round_trip_through_json(recordings, name, n):
 
 def test_plans_compare_by_value(recordings):
     model, rec = recordings["latte-tiny"]
-    assert rec.plan(2) == rec.plan(2)
+    # a second model and recording, built independently, plans the same value
+    torch.manual_seed(0)
+    other = build_model("latte-tiny").double()
+    other_plan = P.record(other, make_inputs("latte-tiny", other)).plan(2)
+    plan = rec.plan(2)
+    assert plan == other_plan and plan is not other_plan
+    assert plan == P.Plan.from_json(other_plan.to_json())
     assert rec.plan(2) != P.hand_plan(model)
-    assert len({rec.plan(2), rec.plan(2)}) == 1
+    assert len({plan, other_plan, P.Plan.from_json(plan.to_json())}) == 1
 
 
 def test_table_with_bytes(recordings):

@@ -15,6 +15,7 @@ allowed. See ``docs/primitives.md`` for the gradient convention (``grad_scale``)
 from __future__ import annotations
 
 import itertools
+import math
 import zlib
 from typing import List, Optional, Sequence, Union
 
@@ -125,9 +126,7 @@ def _switch_impl(
     perm = [src, dst] + [d for d in range(x.dim()) if d not in (src, dst)]
     xp = x.permute(perm)  # (s_r, L_dst, *rest)
     s_r, rest = xp.shape[0], tuple(xp.shape[2:])
-    inner = 1
-    for v in rest:
-        inner *= v
+    inner = math.prod(rest)
     d_offs = [0, *itertools.accumulate(dst_sizes)]
     send_splits = [s_r * dst_sizes[j] * inner for j in range(n)]
     send = torch.empty(sum(send_splits), dtype=x.dtype, device=x.device)
@@ -147,13 +146,13 @@ def _switch_impl(
     return yp.permute(inv).contiguous()
 
 
-def _gather_impl(x: torch.Tensor, dim: int, sizes: Sequence[int], info: GroupInfo) -> torch.Tensor:
-    xm = x.movedim(dim, 0)  # (n_r, *rest)
+def gather_dim(
+    x: torch.Tensor, dim: int, sizes: Sequence[int], info: GroupInfo, tag: str = "gather"
+) -> torch.Tensor:
+    """Sharded on ``dim`` (lengths ``sizes``) -> full, with one all-gather (no autograd)."""
+    xm = x.movedim(dim, 0).contiguous()  # (n_r, *rest)
     rest = tuple(xm.shape[1:])
-    inner = 1
-    for v in rest:
-        inner *= v
-    flat = C.all_gather(xm.contiguous(), [s * inner for s in sizes], info.group, tag="gather")
+    flat = C.all_gather(xm, [s * math.prod(rest) for s in sizes], info.group, tag=tag)
     return flat.view(sum(sizes), *rest).movedim(0, dim).contiguous()
 
 
@@ -174,7 +173,7 @@ class _Split(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         if ctx.mode == "gather":
-            full = _gather_impl(g, ctx.dim, ctx.sizes, ctx.info)
+            full = gather_dim(g, ctx.dim, ctx.sizes, ctx.info)
         else:  # "shard": this rank's gradient in place, zeros elsewhere; no communication
             shape = list(g.shape)
             shape[ctx.dim] = sum(ctx.sizes)
@@ -192,7 +191,7 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, sizes, info, scale):
         ctx.dim, ctx.sizes, ctx.info, ctx.scale = dim, sizes, info, scale
-        return _gather_impl(x, dim, sizes, info)
+        return gather_dim(x, dim, sizes, info)
 
     @staticmethod
     def backward(ctx, g):

@@ -10,34 +10,25 @@ Shards follow ``torch.tensor_split`` (``sizes``: every rank's length of ``dim``)
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
 from dsp.comm import collectives as C
+from dsp.comm.primitives import gather_dim
 from dsp.mesh import GroupInfo
 
 __all__ = ["all_gather_seq", "reduce_scatter_seq"]
 
 
-def _inner(shape, dim) -> int:
-    n = 1
-    for i, v in enumerate(shape):
-        if i != dim:
-            n *= v
-    return n
-
-
 def _ag(x: torch.Tensor, dim: int, sizes: Sequence[int], info: GroupInfo) -> torch.Tensor:
-    xm = x.movedim(dim, 0).contiguous()  # (n_r, *rest)
-    inner = _inner(x.shape, dim)
-    flat = C.all_gather(xm, [s * inner for s in sizes], info.group, tag="seq_all_gather")
-    return flat.view(sum(sizes), *xm.shape[1:]).movedim(0, dim).contiguous()
+    return gather_dim(x, dim, sizes, info, tag="seq_all_gather")
 
 
 def _rs(x: torch.Tensor, dim: int, sizes: Sequence[int], info: GroupInfo) -> torch.Tensor:
     xm = x.movedim(dim, 0).contiguous()  # (L, *rest), partial sums
-    inner = _inner(x.shape, dim)
+    inner = math.prod(xm.shape[1:])
     flat = C.reduce_scatter(xm, [s * inner for s in sizes], info.group, tag="seq_reduce_scatter")
     return flat.view(sizes[info.rank], *xm.shape[1:]).movedim(0, dim).contiguous()
 
