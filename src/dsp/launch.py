@@ -13,6 +13,8 @@ import contextlib
 import multiprocessing as mp
 import os
 import queue
+import re
+import signal
 import socket
 import sys
 import time
@@ -24,14 +26,71 @@ __all__ = ["RankError", "RankPool", "spawn", "free_port", "enter_netns"]
 
 
 class RankError(RuntimeError):
-    """One or more ranks raised; ``errors`` maps rank -> formatted traceback."""
+    """One or more ranks failed. The message names the cause first.
 
-    def __init__(self, errors: dict):
+    Attributes:
+        errors: rank -> formatted traceback (raised) or one line (died, stopped answering).
+        causes: rank -> one line, for the ranks that failed first: a rank that died
+            (``"rank 1 (pid 123) died: SIGKILL"``) or stopped answering, else the ranks
+            whose errors are not a consequence of another rank's failure.
+        secondary: rank -> one line, errors that follow from the causes (a survivor's
+            "Connection reset by peer" or timeout), folded under them.
+    """
+
+    def __init__(
+        self, errors: dict, causes: Optional[dict] = None, secondary: Optional[dict] = None
+    ):
         self.errors = errors
-        first = min(errors)
-        super().__init__(
-            f"{len(errors)} rank(s) failed ({sorted(errors)}); rank {first}:\n{errors[first]}"
-        )
+        if causes is None:
+            causes, secondary = _split_causes({r: _first_line(e) for r, e in errors.items()})
+        self.causes = causes
+        self.secondary = secondary or {}
+        super().__init__(self.summary())
+
+    def summary(self) -> str:
+        """The causes, one per line, then the folded secondary errors."""
+        lines = [self.causes[r] for r in sorted(self.causes)]
+        if self.secondary:
+            lines.append(
+                "then "
+                + "; ".join(f"rank {r}: {self.secondary[r]}" for r in sorted(self.secondary))
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:  # the summary, then the first cause's traceback when it raised
+        first = min(self.causes) if self.causes else min(self.errors)
+        text = self.errors.get(first, "")
+        detail = f"\nrank {first}:\n{text}" if "Traceback" in text else ""
+        return self.summary() + detail
+
+
+#: Phrases of errors that follow from another rank's failure (a peer gone or too slow).
+_SECONDARY = (
+    "Timed out",
+    "timed out",
+    "Connection reset",
+    "Connection closed",
+    "connection closed",
+    "Broken pipe",
+    "failed on another rank",
+    "ECONNRESET",
+    "EPIPE",
+)
+
+
+def _first_line(text: str) -> str:
+    """The first line of an error, without gloo's source location and its chatty advice."""
+    line = text.strip().splitlines()[0] if text.strip() else text
+    line = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\] ", "", line)
+    return line.split(". This is typically caused", 1)[0]
+
+
+def _split_causes(lines: dict) -> tuple:
+    secondary = {r: t for r, t in lines.items() if any(p in t for p in _SECONDARY)}
+    causes = {r: f"rank {r}: {t}" for r, t in lines.items() if r not in secondary}
+    if not causes:  # every error looks secondary: report them all as causes
+        return {r: f"rank {r}: {t}" for r, t in lines.items()}, {}
+    return causes, secondary
 
 
 def free_port() -> int:
@@ -95,10 +154,19 @@ def _worker(
     env,
     inq,
     outq,
-    netns=None,
+    netns,
+    heartbeats,
+    owner,
 ):
+    from dsp.watchdog import die_with_parent
+
+    die_with_parent(owner)  # SIGKILL when the launcher dies, however it dies
+    # Ctrl-C in a terminal reaches every process of the foreground group: the launcher alone
+    # handles it (and ends the ranks), so a rank never dies half-way through a reply
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    heartbeats.start(rank)
     if netns is not None:
-        # first, before torch starts any thread or socket: everything after is in the namespace
+        # before torch starts any thread or socket: everything after is in the namespace
         enter_netns(netns)
     sys.path[:] = path
     os.environ.update(env)
@@ -126,13 +194,22 @@ def _worker(
     dist.destroy_process_group()
 
 
+#: Seconds the launcher waits for the other ranks' errors after a rank died or hung.
+GRACE_AFTER_DEATH = 2.0
+#: At most this many seconds after the first error (and at least the timeout + 5 s, so that
+#: ranks blocked in a collective report their own timeout): then the rest are ended.
+GRACE_AFTER_ERROR = 30.0
+
+
 class RankPool:
     """``world_size`` worker processes in one process group, reused across :meth:`run` calls.
 
     Args:
         world_size: number of ranks.
         backend: ``"gloo"`` (CPU) or ``"nccl"``.
-        timeout: process-group timeout in seconds; a collective that waits longer raises.
+        timeout: process-group timeout in seconds; a collective that waits longer raises, and a
+            rank without a heartbeat for that long counts as hung. ``DSP_TIMEOUT``, when set,
+            replaces it (one timeout for the whole job). Default 120 s.
         threads: ``torch.set_num_threads`` per worker.
         addr: master address (rank 0 listens there). With ``netns``, rank 0's address in
             its namespace.
@@ -143,6 +220,14 @@ class RankPool:
             parent-worker queues are local pipes and work across namespaces.
         rank_env: optional per-rank extra environment, applied after ``env`` (e.g.
             ``GLOO_SOCKET_IFNAME`` = the rank's interface).
+
+    Failures (see docs/reliability.md): a rank that dies is reported first as ``rank R (pid
+    P) died: SIGKILL``; a rank whose heartbeat stops for ``timeout`` seconds (stopped, wedged)
+    as ``rank R (pid P) stopped answering``; the other ranks' errors that follow from it are
+    folded under it; the remaining ranks are killed and the pool is retired (``broken``).
+    A run that fails never waits longer than ``timeout + 30`` seconds after the failure.
+    Ranks die with the launcher (``PR_SET_PDEATHSIG``), and every new pool first kills ranks
+    whose launcher is gone (:func:`dsp.watchdog.sweep_orphans`).
     """
 
     def __init__(
@@ -157,6 +242,9 @@ class RankPool:
         netns: Optional[List[str]] = None,
         rank_env: Optional[List[dict]] = None,
     ):
+        from dsp.mesh import default_timeout
+        from dsp.watchdog import OWNER_ENV, RANK_ENV, Heartbeats, sweep_orphans
+
         if world_size < 1:
             raise ValueError(f"RankPool: world_size must be >= 1, got {world_size}")
         for what, per_rank in (("netns", netns), ("rank_env", rank_env)):
@@ -165,14 +253,23 @@ class RankPool:
                     f"RankPool: {what} needs one entry per rank ({world_size}), got {len(per_rank)}"
                 )
         self.world_size = world_size
-        self.timeout = timeout
+        self.timeout = default_timeout(timedelta(seconds=timeout)).total_seconds()
         self.broken = False
+        self.swept = sweep_orphans()
         ctx = mp.get_context("spawn")
         self._outq = ctx.Queue()
         self._inqs = [ctx.Queue() for _ in range(world_size)]
+        self._heartbeats = Heartbeats(ctx, world_size)
+        self._started = time.monotonic()
         port = free_port()
+        owner = os.getpid()
         envs = [
-            {**(env or {}), **(rank_env[r] if rank_env is not None else {})}
+            {
+                **(env or {}),
+                **(rank_env[r] if rank_env is not None else {}),
+                OWNER_ENV: str(owner),
+                RANK_ENV: str(r),
+            }  # fmt: skip
             for r in range(world_size)
         ]
         self._procs = [
@@ -184,62 +281,125 @@ class RankPool:
                     addr,
                     port,
                     backend,
-                    timeout,
+                    self.timeout,
                     threads,
                     list(sys.path),
                     envs[r],
                     self._inqs[r],
                     self._outq,
                     netns[r] if netns is not None else None,
+                    self._heartbeats,
+                    owner,
                 ),
                 daemon=True,
             )
             for r in range(world_size)
         ]
-        for p, rank_environ in zip(self._procs, envs):
-            # The child imports torch while unpickling its target, before _worker runs: put
-            # its environment in place at spawn time too (e.g. TORCH_CPP_LOG_LEVEL), then
-            # restore ours.
-            with _environ(rank_environ):
-                p.start()
+        try:
+            for p, rank_environ in zip(self._procs, envs):
+                # The child imports torch while unpickling its target, before _worker runs: put
+                # its environment in place at spawn time too (e.g. TORCH_CPP_LOG_LEVEL), then
+                # restore ours.
+                with _environ(rank_environ):
+                    p.start()
+        except BaseException:
+            self.close(kill=True)
+            raise
+
+    @property
+    def pids(self) -> List[Optional[int]]:
+        """The workers' process ids, by rank."""
+        return [p.pid for p in self._procs]
+
+    def _hung(self, pending: set, now: float) -> dict:
+        """Pending ranks that stopped beating for ``timeout`` s (or never started)."""
+        from dsp.watchdog import process_state
+
+        hung = {}
+        for r in sorted(pending):
+            age = self._heartbeats.age(r, now)
+            limit = self.timeout if age is not None else self.timeout + 60  # torch import
+            if (age if age is not None else now - self._started) > limit:
+                p = self._procs[r]
+                quiet = f"no heartbeat for {age:.0f} s" if age is not None else "never started"
+                hung[r] = (
+                    f"rank {r} (pid {p.pid}) stopped answering: {quiet} (timeout "
+                    f"{self.timeout:g} s), process {process_state(p.pid)}"
+                )
+        return hung
 
     def run(self, fn: Callable, *args: Any, **kwargs: Any) -> List[Any]:
         """Run ``fn(*args, **kwargs)`` on every rank; return the per-rank results in order.
 
         Raises:
-            RankError: if any rank raised (every rank's error is in ``.errors``).
+            RankError: if any rank raised, died or hung (the cause first; see the class).
         """
+        from dsp.watchdog import describe_exit
+
         if self.broken:
             raise RuntimeError("RankPool: an earlier run left the pool broken; make a new one")
         for q in self._inqs:
             q.put((fn, args, kwargs))
         results: dict = {}
         errors: dict = {}
-        deadline = time.monotonic() + self.timeout * 2 + 60
+        failed_at = None  # when the first failure was seen
+        grace = 0.0
+        causes: dict = {}
         while len(results) + len(errors) < self.world_size:
             try:
-                rank, ok, value = self._outq.get(timeout=1.0)
-            except queue.Empty:
-                dead = {
-                    r: f"process died with exit code {p.exitcode}"
-                    for r, p in enumerate(self._procs)
-                    if p.exitcode is not None
-                }
-                if dead or time.monotonic() > deadline:
-                    self.broken = True
-                    missing = set(range(self.world_size)) - set(results) - set(errors)
-                    late = {r: "no answer within the timeout (hung)" for r in missing}
-                    raise RankError({**late, **dead, **errors}) from None
+                rank, ok, value = self._outq.get(timeout=0.25)
+                (results if ok else errors)[rank] = value
+                if not ok and failed_at is None:
+                    failed_at = time.monotonic()
+                    grace = min(GRACE_AFTER_ERROR, self.timeout + 5)
                 continue
-            (results if ok else errors)[rank] = value
-        if errors:
-            # Every rank raised: they are still in step and the pool stays usable. Some ranks
-            # raised while others returned: their collectives may be out of step, so retire it.
-            self.broken = len(errors) < self.world_size
-            raise RankError(errors)
-        return [results[r] for r in range(self.world_size)]
+            except queue.Empty:
+                pass
+            now = time.monotonic()
+            pending = set(range(self.world_size)) - set(results) - set(errors)
+            for r in sorted(pending):
+                code = self._procs[r].exitcode
+                if code is not None and r not in causes:
+                    causes[r] = f"rank {r} (pid {self._procs[r].pid}) died: {describe_exit(code)}"
+            causes.update({r: m for r, m in self._hung(pending - set(causes), now).items()})
+            if causes and (failed_at is None or grace > GRACE_AFTER_DEATH):
+                failed_at, grace = now, GRACE_AFTER_DEATH
+            if failed_at is not None and now - failed_at > grace:
+                break
+            if pending and pending <= set(causes):  # only dead or hung ranks left to hear from
+                break
+        if not errors and not causes:
+            return [results[r] for r in range(self.world_size)]
+        pending = set(range(self.world_size)) - set(results) - set(errors)
+        # every rank raised: still in step, the pool stays usable; otherwise retire it
+        self.broken = bool(pending or causes or results)
+        for r in sorted(pending):
+            self._kill(r)
+        lines = {r: _first_line(e) for r, e in errors.items()}
+        if causes:
+            secondary = dict(lines)
+            for r in sorted(pending - set(causes)):
+                secondary[r] = "no answer; ended by the launcher"
+        else:
+            causes, secondary = _split_causes(lines)
+            for r in sorted(pending):
+                causes[r] = f"rank {r} (pid {self._procs[r].pid}) did not answer within the " \
+                    f"{grace:g} s after the first error; ended by the launcher"  # fmt: skip
+        raise RankError({**errors, **causes}, causes, secondary)
 
-    def close(self) -> None:
+    def _kill(self, rank: int) -> None:
+        p = self._procs[rank]
+        if p.is_alive():
+            p.kill()  # SIGKILL: also ends a stopped (SIGSTOP) process
+        p.join(timeout=10)
+
+    def close(self, *, kill: bool = False) -> None:
+        """End the workers: politely (finish the current job), or at once with ``kill``."""
+        if kill or self.broken:
+            for r in range(self.world_size):
+                if r < len(self._procs) and self._procs[r].pid is not None:
+                    self._kill(r)
+            return
         for q, p in zip(self._inqs, self._procs):
             if p.is_alive():
                 try:
@@ -255,8 +415,9 @@ class RankPool:
     def __enter__(self) -> RankPool:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        # an exception in the launcher (Ctrl-C included): the ranks may be mid-job, end them
+        self.close(kill=exc_type is not None)
 
 
 def spawn(fn: Callable, world_size: int, *args: Any, **kwargs: Any) -> List[Any]:

@@ -90,17 +90,19 @@ def test_checkpoint_saved_at_sp4_resumes_at_sp2_and_dp2(pools, reference, tmp_pa
 
 
 def test_failed_save_keeps_the_previous_checkpoint(pools, tmp_path):
-    """A save that fails on one rank after writing files: every rank raises, the previous
-    checkpoint stays `latest` and resuming from it gives the uninterrupted losses."""
+    """A save that fails on one rank after writing files: every rank raises, the partial
+    directory is removed, the previous checkpoint stays `latest` and resuming from it gives
+    the uninterrupted losses."""
     ckpt = tmp_path / "ckpt"
     err = pools.run(2, _cases.run_with_failing_save, 4, 1, sp=2, save_every=2, ckpt_dir=str(ckpt))
     assert all(e is not None and "simulated failure" in e for e in err), err
     assert (ckpt / "latest").read_text().strip() == "step_00000002"
-    assert (ckpt / "step_00000004.tmp").is_dir() and not (ckpt / "step_00000004").exists()
+    # the failed save removed its partial directory at once
+    assert not list(ckpt.glob("*.tmp")) and not (ckpt / "step_00000004").exists()
     out = pools.run(2, _cases.run, sp=2, save_every=2, ckpt_dir=str(ckpt), resume=True)
     full = pools.run(2, _cases.losses, sp=2)[0]
     assert out[0]["start"] == 2 and out[0]["losses"] == full[2:]
-    assert not list(ckpt.glob("*.tmp")), "the next save removes the interrupted one"
+    assert not list(ckpt.glob("*.tmp"))
 
 
 CRASH_SCRIPT = """

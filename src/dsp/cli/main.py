@@ -14,6 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dsp",
         description="Dynamic Sequence Parallelism for multi-dimensional transformers.",
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="print tracebacks of errors (also DSP_DEBUG=1)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo.add_parser(sub)
     bench.add_parser(sub)
@@ -29,7 +32,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    from dsp.cli.errors import report
+
+    try:
+        return int(args.func(args) or 0)
+    except (Exception, KeyboardInterrupt) as e:  # one clear line; a traceback with --debug
+        return report(args, e)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
+from dsp.cli.errors import CommandError, add_job_flags, apply_timeout
 from dsp.cli.table import human_bytes, print_table
 from dsp.cli.train import run_job, set_threads, under_torchrun
 
@@ -56,6 +56,7 @@ def add_parser(sub) -> None:
     p.add_argument("--scale", type=int, default=None, help="pixel upscaling (default: to 128 px)")
     p.add_argument("--save-tensor", default=None, help="also save latents and video (torch.save)")
     p.add_argument("--json", default=None, help="write the latency table as JSON")
+    add_job_flags(p, timeout=300, what="sampling")
     p.set_defaults(func=run)
 
 
@@ -66,51 +67,62 @@ def _sample_rank(cfg):
 
 
 def run(args) -> int:
+    from dsp.data import parse_prompt
     from dsp.sample import SampleConfig
+    from dsp.watchdog import check_local_world
 
+    apply_timeout(args)
+    set_threads(args.threads)
+    cfg = SampleConfig(
+        checkpoint=args.checkpoint,
+        model=args.model,
+        prompts=args.prompt or ["red circle left"],
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        cfg_parallel=args.cfg_parallel,
+        strategy=args.strategy,
+        seed=args.seed,
+        precision=args.precision,
+        device=args.device,
+    )
+    for prompt in cfg.prompts:
+        parse_prompt(prompt)  # fail before starting any rank
+    if under_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if args.world_size is not None and args.world_size != world:
+            raise ValueError(f"--world-size {args.world_size} but torchrun started {world}")
+    else:
+        world = args.world_size or (2 if args.cfg_parallel else 1)
+        check_local_world(world, force=args.force)
+        if args.cfg_parallel and world % 2:
+            raise ValueError(
+                f"--cfg-parallel needs an even --world-size (cond and uncond halves), got {world}"
+            )
+    check_sizes(cfg, world)
     try:
-        set_threads(args.threads)
-        cfg = SampleConfig(
-            checkpoint=args.checkpoint,
-            model=args.model,
-            prompts=args.prompt or ["red circle left"],
-            steps=args.steps,
-            cfg_scale=args.cfg_scale,
-            cfg_parallel=args.cfg_parallel,
-            strategy=args.strategy,
-            seed=args.seed,
-            precision=args.precision,
-            device=args.device,
-        )
-        from dsp.data import parse_prompt
-
-        for prompt in cfg.prompts:
-            parse_prompt(prompt)  # fail before starting any rank
-        if args.checkpoint:
-            from dsp.train.checkpoint import read_meta
-
-            read_meta(args.checkpoint)  # a clear error if there is none
-        if under_torchrun():
-            world = int(os.environ["WORLD_SIZE"])
-            if args.world_size is not None and args.world_size != world:
-                raise ValueError(f"--world-size {args.world_size} but torchrun started {world}")
-        else:
-            world = args.world_size or (2 if args.cfg_parallel else 1)
-            if world < 1:
-                raise ValueError(f"--world-size must be >= 1, got {world}")
-            if args.cfg_parallel and world % 2:
-                raise ValueError(
-                    f"--cfg-parallel needs an even --world-size (cond and uncond halves), "
-                    f"got {world}"
-                )
         result = run_job(_sample_rank, cfg, world, args)
-        if result is None:
-            return 0
-    except (ValueError, FileNotFoundError) as e:
-        print(f"dsp sample: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        raise CommandError("interrupted; nothing was written", 130) from None
+    if result is None:
+        return 0
     report(result, args)
     return 0
+
+
+def check_sizes(cfg, world: int) -> None:
+    """The checkpoint is there and intact, and its video has a frame and a patch per sp rank."""
+    from dsp.train.loop import TrainConfig, check_sp_fits
+
+    sp = world // 2 if cfg.cfg_parallel else world
+    if cfg.checkpoint:
+        from dsp.train.checkpoint import read_meta
+
+        tcfg = read_meta(cfg.checkpoint)["config"]  # a clear error if there is none
+        train_cfg = TrainConfig(**{**tcfg, "resume": False, "ckpt_dir": None})
+    else:
+        train_cfg = TrainConfig(model=cfg.model, frames=cfg.frames, height=cfg.height,
+                                width=cfg.width)  # fmt: skip
+    check_sp_fits(train_cfg, sp)
 
 
 def report(result, args) -> None:

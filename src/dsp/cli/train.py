@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch.distributed
 
+from dsp.cli.errors import CommandError, add_job_flags, apply_timeout
 from dsp.cli.table import print_table
 
 
@@ -97,10 +97,20 @@ def add_parser(sub) -> None:
     g.add_argument("--ckpt-dir", default=None, help="checkpoint directory (DCP)")
     g.add_argument("--save-every", type=int, default=0, help="save every N steps (and at the end)")
     g.add_argument("--keep", type=int, default=2, help="complete checkpoints to keep (default 2)")
-    g.add_argument("--resume", action="store_true", help="resume from --ckpt-dir/latest")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=False,
+        choices=("auto", "required"),
+        help="resume from the newest intact checkpoint in --ckpt-dir (a damaged newer one is "
+        "named and skipped); without one, start at step 0 (auto) or fail (--resume=required)",
+    )
     g.add_argument("--log-every", type=int, default=1, help="print every N steps without rich")
     g.add_argument("--log-json", default=None, help="write losses and timings as JSON")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("failures")
+    add_job_flags(g, timeout=300, what="job")
     p.set_defaults(func=run)
 
 
@@ -157,7 +167,7 @@ def config_from_args(args):
         ckpt_dir=args.ckpt_dir,
         save_every=args.save_every,
         keep=args.keep,
-        resume=args.resume,
+        resume=args.resume or False,
         log_every=args.log_every,
         progress=not args.no_progress,
         log_json=args.log_json,
@@ -194,32 +204,73 @@ def run_job(fn, cfg, world: int, args):
             "with torchrun (see docs/training.md)"
         )
     from dsp.launch import RankPool
+    from dsp.mesh import default_timeout
 
-    with RankPool(world, timeout=300, threads=args.threads or 1) as pool:
+    timeout = default_timeout().total_seconds()  # --timeout / DSP_TIMEOUT (apply_timeout)
+    with RankPool(world, timeout=timeout, threads=args.threads or 1) as pool:
         return pool.run(fn, cfg)[0]
 
 
-def run(args) -> int:
-    from dsp.train.runtime import ParallelDims
+def check_ckpt_flags(cfg) -> None:
+    """``--ckpt-dir`` usable (a writable directory with room for one checkpoint) and
+    ``--resume=required`` satisfiable, before any rank starts."""
+    import torch
 
+    from dsp.train.checkpoint import check_ckpt_dir, checkpoint_bytes, latest_checkpoint
+    from dsp.train.loop import build_video_model
+
+    with torch.device("meta"):
+        model = build_video_model(cfg.to_dict())
+    check_ckpt_dir(cfg.ckpt_dir, checkpoint_bytes(model))
+    if cfg.resume == "required" and latest_checkpoint(cfg.ckpt_dir) is None:
+        raise ValueError(f"--resume=required: no checkpoint in {cfg.ckpt_dir}")
+
+
+def interrupted(ckpt_dir) -> str:
+    """What Ctrl-C leaves: the newest intact checkpoint, after removing a partial save."""
+    if not ckpt_dir:
+        return "interrupted; nothing was saved (no --ckpt-dir)"
+    from dsp.train.checkpoint import intact_checkpoint, remove_partial
+
+    remove_partial(ckpt_dir)  # a save the interruption cut short: never read, removed
+    ckpt, _ = intact_checkpoint(ckpt_dir)
+    if ckpt is None:
+        return f"interrupted; no intact checkpoint in {ckpt_dir} yet"
+    return f"interrupted; {ckpt} is intact: continue with --resume"
+
+
+def run(args) -> int:
+    from dsp.train.loop import check_sp_fits
+    from dsp.train.runtime import ParallelDims
+    from dsp.watchdog import check_local_world
+
+    apply_timeout(args)
+    set_threads(args.threads)
+    cfg = config_from_args(args)
+    if under_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if args.world_size is not None and args.world_size != world:
+            raise ValueError(
+                f"--world-size {args.world_size} but torchrun started {world} processes"
+            )
+    else:
+        world = local_world(args.world_size, (cfg.dp, cfg.sp))
+        check_local_world(world, force=args.force)
+    dims = ParallelDims.resolve(("dp", "sp"), (cfg.dp, cfg.sp), world)
+    check_sp_fits(cfg, dims["sp"])
+    if cfg.global_batch % dims["dp"]:
+        raise ValueError(
+            f"--global-batch {cfg.global_batch} is not divisible by dp={dims['dp']}: every "
+            "data-parallel replica must get the same number of samples"
+        )
+    if cfg.ckpt_dir:
+        check_ckpt_flags(cfg)
     try:
-        set_threads(args.threads)
-        cfg = config_from_args(args)
-        if under_torchrun():
-            world = int(os.environ["WORLD_SIZE"])
-            if args.world_size is not None and args.world_size != world:
-                raise ValueError(
-                    f"--world-size {args.world_size} but torchrun started {world} processes"
-                )
-        else:
-            world = local_world(args.world_size, (cfg.dp, cfg.sp))
-        ParallelDims.resolve(("dp", "sp"), (cfg.dp, cfg.sp), world)
         result = run_job(_train_rank, cfg, world, args)
-        if result is None:
-            return 0
-    except ValueError as e:
-        print(f"dsp train: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        raise CommandError(interrupted(cfg.ckpt_dir), 130) from None
+    if result is None:
+        return 0
     lay = result.layout
     rows = [
         ["layout", f"dp={lay['dp']} x sp={lay['sp']} ({lay['world_size']} ranks)"],

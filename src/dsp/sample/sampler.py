@@ -19,6 +19,7 @@ differently shaped matmuls.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -58,8 +59,14 @@ class SampleConfig:
     seed: int = 0
     precision: str = "fp32"
     device: str = "auto"
+    #: collective timeout in seconds for every group (None: ``DSP_TIMEOUT``, else 300 s)
+    timeout: Optional[float] = None
 
     def __post_init__(self):
+        if self.timeout is not None:
+            from dsp.mesh import parse_timeout
+
+            self.timeout = parse_timeout(self.timeout, "--timeout")
         if self.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
         if not self.prompts:
@@ -93,10 +100,14 @@ def _sync(device: torch.device) -> None:
 
 def sample(cfg: SampleConfig) -> SampleResult:
     """Sample ``len(cfg.prompts)`` videos; every rank of the world calls it."""
-    from dsp.train.checkpoint import load_model_weights, read_meta
-    from dsp.train.loop import build_video_model
+    from datetime import timedelta
 
-    rt = init_runtime(device=cfg.device)
+    from dsp.mesh import default_timeout, set_group_timeouts
+    from dsp.train.checkpoint import META, describe_damage, intact_checkpoint, load_checkpoint
+    from dsp.train.loop import TrainConfig, build_video_model, check_sp_fits
+
+    timeout = timedelta(seconds=cfg.timeout) if cfg.timeout else default_timeout()
+    rt = init_runtime(device=cfg.device, timeout=timeout)
     device = rt.device
     if cfg.cfg_parallel:
         if rt.world_size % 2:
@@ -110,13 +121,19 @@ def sample(cfg: SampleConfig) -> SampleResult:
 
     # the model: from a checkpoint (its config), else random (seeded, no zero init)
     if cfg.checkpoint:
-        meta = read_meta(cfg.checkpoint)
-        tcfg = meta["config"]
+        ckpt, damaged = intact_checkpoint(cfg.checkpoint)
+        if ckpt is None:
+            why = f"; {describe_damage(damaged, None)}" if damaged else ""
+            raise FileNotFoundError(f"no intact checkpoint in {cfg.checkpoint}{why}")
+        tcfg = json.loads((ckpt / META).read_text())["config"]
+        check_sp_fits(TrainConfig(**{**tcfg, "resume": False, "ckpt_dir": None}), dims["sp"])
         model = build_video_model(tcfg)
-        load_model_weights(cfg.checkpoint, model)
+        load_checkpoint(ckpt, model, None, verify=False)
         frames, height, width = tcfg["frames"], tcfg["height"], tcfg["width"]
         codec, text_seed = PatchCodec(tcfg["codec_factor"]), tcfg["seed"]
     else:
+        check_sp_fits(TrainConfig(model=cfg.model, frames=cfg.frames, height=cfg.height,
+                                  width=cfg.width), dims["sp"])  # fmt: skip
         torch.manual_seed(cfg.seed)
         model = build_video_model({"model": cfg.model, "model_overrides": {"zero_init": False}})
         frames, height, width = cfg.frames, cfg.height, cfg.width
@@ -128,9 +145,10 @@ def sample(cfg: SampleConfig) -> SampleResult:
     if rt.distributed:
         from dsp.strategies import get_strategy
 
-        mesh = dims.mesh(device.type)
+        mesh = dims.mesh(device.type, timeout)
         cfg_group, cfg_rank = mesh["cfg"].get_group(), mesh.get_local_rank("cfg")
         get_strategy(cfg.strategy, mesh["sp"].get_group()).apply(model)
+        set_group_timeouts(timeout)  # groups the strategy made too
 
     text = CaptionEncoder(model.config.caption_channels, seed=text_seed)
     b = len(cfg.prompts)

@@ -6,15 +6,20 @@ Layout of ``--ckpt-dir``::
     step_00000004/         a complete checkpoint
         .metadata          DCP metadata (tensor -> files, offsets, global shapes)
         __0_0.distcp ...   DCP data, one or more files per rank that holds unique data
-        meta.json          step, training config, parallel layout (written last)
+        meta.json          step, training config, parallel layout
+        manifest.json      size and SHA-256 of every other file (written last)
     step_00000006.tmp/     a save in progress, or one a crash interrupted: never read
 
 Saving writes everything into ``step_N.tmp``; only after every rank has finished (DCP's final
-gather, then a barrier) does rank 0 write ``meta.json``, rename the directory to ``step_N``
-and replace ``latest`` atomically (write ``latest.tmp``, fsync, ``os.replace``). A crash at
-any point leaves ``latest`` naming the previous complete checkpoint; the stale ``.tmp`` is
-deleted by the next save. Resuming reads ``latest`` (or, without it, the newest
-``step_*`` directory that has ``meta.json``).
+gather, then a barrier) does rank 0 write ``meta.json`` and ``manifest.json``, rename the
+directory to ``step_N`` and replace ``latest`` atomically (write ``latest.tmp``, fsync,
+``os.replace``). A crash at any point leaves ``latest`` naming the previous complete
+checkpoint. A save that fails removes its ``.tmp``; one a crash interrupted is removed at the
+next start (:func:`remove_partial`) or save.
+
+Resuming (:func:`intact_checkpoint`) checks the newest ``step_*`` directory against its
+manifest (every file present, of its size, with its checksum) and, when a file is missing,
+truncated or corrupt, names it and falls back to the next newest intact checkpoint.
 
 Resharding: the model and optimizer state come from
 :func:`torch.distributed.checkpoint.state_dict.get_state_dict`, keyed by parameter names
@@ -28,10 +33,12 @@ nodes: a shared one).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
@@ -45,11 +52,17 @@ __all__ = [
     "load_checkpoint",
     "load_model_weights",
     "latest_checkpoint",
+    "intact_checkpoint",
+    "verify_checkpoint",
+    "remove_partial",
+    "check_ckpt_dir",
+    "checkpoint_bytes",
     "read_meta",
 ]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 META = "meta.json"
+MANIFEST = "manifest.json"
 LATEST = "latest"
 
 StorageWriterFactory = Callable[[Path], Any]
@@ -90,42 +103,174 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def complete_checkpoints(root: Union[str, Path]) -> list:
-    """Complete checkpoint directories under ``root`` (with ``meta.json``), oldest first."""
-    root = Path(root)
+def _step_dirs(root: Path) -> list:
+    """``(step, path)`` of every ``step_N`` directory under ``root``, oldest first."""
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / META).is_file():
+        if m and p.is_dir():
             found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    return sorted(found)
+
+
+def complete_checkpoints(root: Union[str, Path]) -> list:
+    """Complete checkpoint directories under ``root`` (with a manifest), oldest first."""
+    return [p for _, p in _step_dirs(Path(root)) if (p / MANIFEST).is_file()]
 
 
 def latest_checkpoint(root: Union[str, Path]) -> Optional[Path]:
-    """The checkpoint to resume from: ``root/latest``'s target, else the newest complete one.
-
-    ``root`` may also be a checkpoint directory itself (one with ``meta.json``).
-    """
+    """The newest complete checkpoint under ``root`` (not verified; see
+    :func:`intact_checkpoint`). ``root`` may also be a checkpoint directory itself."""
     root = Path(root)
-    if (root / META).is_file():
+    if (root / MANIFEST).is_file() or (root / META).is_file():
         return root
-    pointer = root / LATEST
-    if pointer.is_file():
-        target = root / pointer.read_text().strip()
-        if (target / META).is_file():
-            return target
     done = complete_checkpoints(root)
     return done[-1] if done else None
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_manifest(ckpt: Path) -> None:
+    files = {}
+    for p in sorted(ckpt.iterdir()):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    text = json.dumps({"format": 1, "files": files}, indent=1, sort_keys=True)
+    with open(ckpt / MANIFEST, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify_checkpoint(ckpt: Union[str, Path]) -> Optional[str]:
+    """``None`` if ``ckpt`` matches its manifest, else what is wrong, naming the file."""
+    ckpt = Path(ckpt)
+    try:
+        files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"{ckpt / MANIFEST} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{ckpt / MANIFEST} is unreadable ({e})"
+    for name, want in files.items():  # sizes first: cheap, and most damage is truncation
+        try:
+            size = (ckpt / name).stat().st_size
+        except FileNotFoundError:
+            return f"{ckpt / name} is missing"
+        if size != want["size"]:
+            return f"{ckpt / name} has {size} bytes, the manifest says {want['size']} (truncated)"
+    for name, want in files.items():
+        if _sha256(ckpt / name) != want["sha256"]:
+            return f"{ckpt / name} does not match its SHA-256 in the manifest (corrupt)"
+    return None
+
+
+def intact_checkpoint(root: Union[str, Path]) -> tuple:
+    """The newest checkpoint under ``root`` that matches its manifest, and the damaged ones
+    newer than it: ``(path or None, [(path, what is wrong), ...])``.
+
+    ``root`` may also be one checkpoint directory (then only that one is checked).
+    """
+    root = Path(root)
+    if (root / MANIFEST).is_file() or (root / META).is_file():
+        candidates = [root]
+    else:
+        candidates = [p for _, p in reversed(_step_dirs(root))]
+    damaged = []
+    for ckpt in candidates:
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt, damaged
+        damaged.append((ckpt, problem))
+    return None, damaged
+
+
+def describe_damage(damaged: list, chosen: Optional[Path]) -> str:
+    """One line per damaged checkpoint and what is used instead."""
+    lines = [f"checkpoint {p.name} is damaged: {why}" for p, why in damaged]
+    if damaged:
+        lines.append(f"resuming from {chosen}" if chosen else "no intact checkpoint is left")
+    return "\n".join(lines)
+
+
 def read_meta(path: Union[str, Path]) -> Dict[str, Any]:
-    """The ``meta.json`` of a checkpoint directory (or of ``latest`` under a root)."""
-    ckpt = latest_checkpoint(path)
+    """The ``meta.json`` of the newest intact checkpoint under ``path`` (or of ``path``)."""
+    ckpt, damaged = intact_checkpoint(path)
     if ckpt is None:
-        raise FileNotFoundError(f"no complete checkpoint in {path} (no {LATEST}, no step_*/{META})")
+        why = f"; {describe_damage(damaged, None)}" if damaged else ""
+        raise FileNotFoundError(
+            f"no complete checkpoint in {path} (no intact step_*/ with a {MANIFEST}){why}"
+        )
     return json.loads((ckpt / META).read_text())
+
+
+def remove_partial(root: Union[str, Path]) -> list:
+    """Delete what interrupted saves left under ``root`` (``step_*.tmp``, ``step_*.old``,
+    ``latest.tmp``); return the removed paths. Call it when no save is running."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    gone = []
+    for p in list(root.glob("step_*.tmp")) + list(root.glob("step_*.old")):
+        shutil.rmtree(p, ignore_errors=True)
+        gone.append(p)
+    if (root / (LATEST + ".tmp")).is_file():
+        (root / (LATEST + ".tmp")).unlink(missing_ok=True)
+        gone.append(root / (LATEST + ".tmp"))
+    return gone
+
+
+def checkpoint_bytes(model: nn.Module) -> int:
+    """About the size of one checkpoint of ``model`` with AdamW: the parameters and two
+    moments, plus 256 KiB for DCP's metadata, ``meta.json`` and the manifest."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 3 * params + 256 * 1024
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def check_ckpt_dir(path: Union[str, Path], need_bytes: int = 0, flag: str = "--ckpt-dir") -> None:
+    """Check before training that ``path`` is (or can be made) a writable directory with room
+    for one checkpoint of ``need_bytes``.
+
+    Raises:
+        ValueError: one line naming the flag, the path and the problem.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a directory; choose another path")
+    existing = path
+    while not existing.exists():  # the nearest ancestor that exists: where it is created
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, so the directory cannot be made")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dsp-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {path} is not writable ({e.strerror or e})") from None
+    free = shutil.disk_usage(existing).free
+    if need_bytes and free < need_bytes:
+        raise ValueError(
+            f"{flag} {path}: {_human(free)} free, one checkpoint needs about "
+            f"{_human(need_bytes)}; free some space or choose another directory"
+        )
 
 
 def _state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, Any]:
@@ -170,8 +315,7 @@ def save_checkpoint(
     if rank == 0:
         try:
             root.mkdir(parents=True, exist_ok=True)
-            for stale in root.glob("step_*.tmp"):  # interrupted saves: never complete or read
-                shutil.rmtree(stale, ignore_errors=True)
+            remove_partial(root)  # interrupted saves: never complete or read
             tmp.mkdir()
         except OSError as e:
             error = e
@@ -184,10 +328,15 @@ def save_checkpoint(
                 _state(model, optimizer), storage_writer=writer, no_dist=not dist.is_initialized()
             )
     except CheckpointException as e:  # a BaseException in DCP: make it an ordinary error
-        ranks = sorted(getattr(e, "failures", {}) or {})
+        failures = getattr(e, "failures", {}) or {}
+        if rank == 0:  # every rank is past DCP's final gather: nothing writes into tmp now
+            shutil.rmtree(tmp, ignore_errors=True)
+        first = next(iter(failures.values()), e)
+        reason = first[0] if isinstance(first, tuple) else first
         raise RuntimeError(
-            f"saving the checkpoint of step {step} failed on rank(s) {ranks}; {tmp} is "
-            f"incomplete and ignored, `latest` still names the previous checkpoint:\n{e}"
+            f"saving the checkpoint of step {step} failed on rank(s) {sorted(failures)} "
+            f"({type(reason).__name__}: {reason}); removed {tmp}, the previous checkpoint is "
+            "still the latest"
         ) from None
     barrier(device)  # every rank's files are written (DCP's finish step gathered them too)
     if rank == 0:
@@ -195,6 +344,7 @@ def save_checkpoint(
             (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
             with open(tmp / META) as f:
                 os.fsync(f.fileno())
+            _write_manifest(tmp)  # last: sizes and checksums of everything above
             _fsync_dir(tmp)
             old = None
             if final.exists():  # saving the same step again (after a resume): swap safely
@@ -210,24 +360,35 @@ def save_checkpoint(
                 if stale != final:  # never the one `latest` now names
                     shutil.rmtree(stale, ignore_errors=True)
         except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
             error = e
     barrier_or_raise(device, error, f"publishing checkpoint {final}")
     return final
 
 
 def load_checkpoint(
-    path: Union[str, Path], model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
+    path: Union[str, Path],
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer],
+    *,
+    verify: bool = True,
 ) -> Dict[str, Any]:
     """Load model (and optimizer) state from a checkpoint into any layout; every rank calls it.
 
-    ``path`` is a checkpoint directory or a root (its ``latest``). Returns its ``meta.json``.
+    ``path`` is a checkpoint directory or a root (its newest intact checkpoint, verified on
+    every rank that calls this, unless ``verify=False``: :func:`dsp.train.train` verifies once,
+    on rank 0, and passes the directory). Returns its ``meta.json``.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    ckpt = latest_checkpoint(path)
+    if verify:
+        ckpt, damaged = intact_checkpoint(path)
+    else:
+        ckpt, damaged = latest_checkpoint(path), []
     if ckpt is None:
-        raise FileNotFoundError(f"no complete checkpoint in {path}")
+        why = f"; {describe_damage(damaged, None)}" if damaged else ""
+        raise FileNotFoundError(f"no intact checkpoint in {path}{why}")
     state = _state(model, optimizer)
     with _quiet():
         dcp.load(state, checkpoint_id=str(ckpt), no_dist=not dist.is_initialized())

@@ -16,10 +16,11 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -27,7 +28,15 @@ from torch import nn
 from dsp.comm import collectives as C
 from dsp.comm.shards import shard_offsets, shard_sizes
 from dsp.data import CaptionEncoder, MovingShapes, PatchCodec, make_batch
-from dsp.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dsp.train.checkpoint import (
+    check_ckpt_dir,
+    checkpoint_bytes,
+    describe_damage,
+    intact_checkpoint,
+    load_checkpoint,
+    remove_partial,
+    save_checkpoint,
+)
 from dsp.train.flow import flow_loss, interpolate, model_time, velocity_target
 from dsp.train.progress import ProgressBar
 from dsp.train.runtime import ParallelDims, Runtime, autocast_dtype, init_runtime
@@ -74,10 +83,14 @@ class TrainConfig:
     ckpt_dir: Optional[str] = None
     save_every: int = 0
     keep: int = 2
-    resume: bool = False
+    #: False; True (or "auto"): resume from the newest intact checkpoint if there is one;
+    #: "required": an error when there is none
+    resume: Union[bool, str] = False
     log_every: int = 1
     progress: bool = True
     log_json: Optional[str] = None
+    #: collective timeout in seconds for every group (None: ``DSP_TIMEOUT``, else 300 s)
+    timeout: Optional[float] = None
 
     def __post_init__(self):
         if self.strategy not in TRAIN_STRATEGIES:
@@ -110,8 +123,14 @@ class TrainConfig:
             raise ValueError(f"--cond-dropout must be in [0, 1], got {self.cond_dropout}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.resume not in (False, True, "auto", "required"):
+            raise ValueError(f"--resume must be auto or required, got {self.resume!r}")
         if self.resume and not self.ckpt_dir:
             raise ValueError("--resume needs --ckpt-dir")
+        if self.timeout is not None:
+            from dsp.mesh import parse_timeout
+
+            self.timeout = parse_timeout(self.timeout, "--timeout")
         # the model name, its overrides and the video size, before any process starts
         try:
             with torch.device("meta"):
@@ -172,6 +191,77 @@ def _check_shapes(model: nn.Module, cfg: TrainConfig, codec: PatchCodec) -> int:
     return (t // pt) * (h // ph) * (w // pw)  # tokens per sample
 
 
+def check_sp_fits(cfg: TrainConfig, sp: int, model: Optional[nn.Module] = None) -> None:
+    """Refuse a sequence-parallel degree larger than the token grid along a sharded dim.
+
+    The strategies shard the patched frames (T) and the patches of a frame (S) over the sp
+    ranks; every rank needs at least one of each. (The primitives handle empty shards; the
+    trainer's strategies and data-parallel wrappers are not tested with them, so they are
+    refused here, before any process group exists.)
+    """
+    if sp <= 1:
+        return
+    if model is None:
+        with torch.device("meta"):
+            model = build_video_model(cfg.to_dict())
+    codec = PatchCodec(cfg.codec_factor)
+    _, t, h, w = codec.latent_shape(cfg.frames, cfg.height, cfg.width)
+    pt, ph, pw = model.config.patch_size
+    frames, patches = t // pt, (h // ph) * (w // pw)
+    if frames < sp:
+        raise ValueError(
+            f"--frames {cfg.frames} gives {frames} patched frame(s), fewer than sp={sp} ranks: "
+            f"every rank needs at least one; use --frames >= {sp * pt} or --sp <= {frames}"
+        )
+    if patches < sp:
+        raise ValueError(
+            f"--height {cfg.height} x --width {cfg.width} gives {patches} patch(es) per frame, "
+            f"fewer than sp={sp} ranks; use a larger video or --sp <= {patches}"
+        )
+
+
+def _say(text: str) -> None:
+    """A note from rank 0 for the user (stderr, never lost in the progress bar)."""
+    for line in text.splitlines():
+        print(f"dsp train: {line}", file=sys.stderr, flush=True)
+
+
+def _prepare_ckpt_dir(cfg: TrainConfig, rt: Runtime, model: nn.Module) -> Optional[Path]:
+    """Rank 0: check ``--ckpt-dir`` (a writable directory with room for one checkpoint),
+    remove partial saves, and pick the newest intact checkpoint to resume from (naming any
+    damaged newer one). Every rank gets the decision; any failure raises on every rank."""
+    from dsp.train.runtime import barrier_or_raise
+
+    step, error = -1.0, None
+    if rt.is_main:
+        try:
+            check_ckpt_dir(cfg.ckpt_dir, checkpoint_bytes(model))
+            remove_partial(cfg.ckpt_dir)
+            if cfg.resume:
+                ckpt, damaged = intact_checkpoint(cfg.ckpt_dir)
+                if damaged:
+                    _say(describe_damage(damaged, ckpt))
+                if ckpt is not None:
+                    step = float(int(ckpt.name.split("_")[1]))
+                elif cfg.resume == "required":
+                    raise FileNotFoundError(
+                        f"--resume=required: no intact checkpoint in {cfg.ckpt_dir}"
+                    )
+                else:
+                    _say(f"--resume: no checkpoint in {cfg.ckpt_dir}; starting from step 0")
+        except (OSError, ValueError) as e:
+            error = e
+    barrier_or_raise(rt.device, error, f"checking --ckpt-dir {cfg.ckpt_dir}")
+    if rt.distributed:  # rank 0's choice, to every rank
+        choice = torch.tensor([step if rt.is_main else 0.0], dtype=torch.float64, device=rt.device)
+        step = C.all_reduce(choice, tag="resume").item()
+    if step < 0:
+        return None
+    from dsp.train.checkpoint import step_dir_name
+
+    return Path(cfg.ckpt_dir) / step_dir_name(int(step))
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up over ``warmup`` steps, then constant."""
     if cfg.warmup and step < cfg.warmup:
@@ -191,9 +281,15 @@ def train(
         storage_writer: ``path -> DCP StorageWriter`` for checkpoints (tests inject faults).
         on_step: called as ``on_step(step, loss)`` after each step (1-based step count).
     """
-    rt: Runtime = init_runtime(device=cfg.device)
+    from datetime import timedelta
+
+    from dsp.mesh import default_timeout, set_group_timeouts
+
+    timeout = timedelta(seconds=cfg.timeout) if cfg.timeout else default_timeout()
+    rt: Runtime = init_runtime(device=cfg.device, timeout=timeout)
     dims = ParallelDims.resolve(("dp", "sp"), (cfg.dp, cfg.sp), rt.world_size)
     dp, sp = dims["dp"], dims["sp"]
+    check_sp_fits(cfg, sp)  # the same answer on every rank, before any collective
     if cfg.global_batch % dp:
         raise ValueError(
             f"--global-batch {cfg.global_batch} is not divisible by dp={dp}: every data-parallel "
@@ -204,7 +300,7 @@ def train(
     # 1. the mesh: (dp, sp); the strategy works on the sp axis
     sp_group, dp_rank = None, 0
     if rt.distributed:
-        mesh = dims.mesh(device.type)
+        mesh = dims.mesh(device.type, timeout)
         sp_group = mesh["sp"].get_group()
         dp_rank = mesh.get_local_rank("dp")
 
@@ -224,6 +320,7 @@ def train(
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     module = wrap_data_parallel(model, cfg.data_parallel, device=device, world_size=rt.world_size)
+    set_group_timeouts(timeout)  # groups the strategy and DDP/FSDP made too
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp = autocast_dtype(cfg.precision, device)
     layout = {
@@ -238,8 +335,9 @@ def train(
 
     # 5. resume
     start = 0
-    if cfg.resume and latest_checkpoint(cfg.ckpt_dir) is not None:
-        meta = load_checkpoint(cfg.ckpt_dir, module, optimizer)
+    resume_from = _prepare_ckpt_dir(cfg, rt, model) if cfg.ckpt_dir else None
+    if resume_from is not None:
+        meta = load_checkpoint(resume_from, module, optimizer, verify=False)
         saved = meta.get("config", {})
         changed = [k for k in MODEL_KEYS if k in saved and saved[k] != getattr(cfg, k)]
         if changed:
@@ -307,6 +405,10 @@ def train(
                     keep=cfg.keep,
                     storage_writer=storage_writer,
                 )
+    except KeyboardInterrupt:
+        if cfg.ckpt_dir and rt.is_main:  # a save Ctrl-C interrupted is never read: remove it
+            remove_partial(cfg.ckpt_dir)
+        raise
     finally:
         bar.close()
     result = TrainResult(

@@ -52,10 +52,12 @@ def _torchrun_env() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_runtime(*, device: str = "auto") -> Runtime:
+def init_runtime(*, device: str = "auto", timeout=None) -> Runtime:
     """Join (or create) the default process group and pick this process's device.
 
     Args:
+        timeout: a ``timedelta`` for the group torchrun's environment creates here (default
+            :func:`dsp.mesh.default_timeout`: ``DSP_TIMEOUT`` or 5 minutes).
         device: ``"auto"`` (``cuda:LOCAL_RANK`` when the group's backend is NCCL or, without a
             group, when CUDA is available; else CPU), ``"cpu"`` or ``"cuda"``.
     """
@@ -68,7 +70,7 @@ def init_runtime(*, device: str = "auto") -> Runtime:
     if not dist.is_initialized() and _torchrun_env() and int(os.environ["WORLD_SIZE"]) > 1:
         if want_cuda:
             torch.cuda.set_device(local_rank)  # before NCCL creates its communicators
-        dsp.init_process_group(backend="nccl" if want_cuda else "gloo")
+        dsp.init_process_group(backend="nccl" if want_cuda else "gloo", timeout=timeout)
     if dist.is_initialized():
         backend = dist.get_backend()
         use_cuda = "nccl" in backend
@@ -160,6 +162,9 @@ class ParallelDims:
     ) -> ParallelDims:
         """Fill at most one missing degree (``None``) so that the product is the world size."""
         names, degrees = tuple(names), list(degrees)
+        for n, d in zip(names, degrees):  # the flag's own error before any product of them
+            if d is not None and d < 1:
+                raise ValueError(f"--{n} must be >= 1, got {d}")
         missing = [i for i, d in enumerate(degrees) if d is None]
         if len(missing) > 1:
             raise ValueError(f"give all but one of {', '.join('--' + n for n in names)}")
@@ -179,8 +184,16 @@ class ParallelDims:
     def __getitem__(self, name: str) -> int:
         return self.degrees[self.names.index(name)]
 
-    def mesh(self, device_type: str):
-        """The :class:`DeviceMesh` with these axes (requires an initialised group)."""
+    def mesh(self, device_type: str, timeout=None):
+        """The :class:`DeviceMesh` with these axes (requires an initialised group).
+
+        Every dimension's group gets ``timeout`` (default: the job's, ``DSP_TIMEOUT``): torch
+        creates them without one, i.e. with gloo's 30-minute default.
+        """
         from torch.distributed.device_mesh import init_device_mesh
 
-        return init_device_mesh(device_type, self.degrees, mesh_dim_names=self.names)
+        from dsp.mesh import set_group_timeouts
+
+        mesh = init_device_mesh(device_type, self.degrees, mesh_dim_names=self.names)
+        set_group_timeouts(timeout)
+        return mesh
