@@ -143,19 +143,28 @@ def test_cleanup_on_signal(sig):
 def test_stale_namespaces_of_a_killed_run_are_removed_at_start():
     prefix = f"{PREFIX}stale"
     p = _holder(prefix)
-    p.kill()  # SIGKILL: no cleanup can run
+    p.kill()  # SIGKILL: no handler runs; the link's watchdog process deletes them
     p.wait(timeout=30)
-    stale = set(_ours(prefix))
-    assert len(stale) == 3
-    subprocess.run(["ip", "netns", "add", f"{prefix}-junk"], check=True)  # no pid: stale too
+    deadline = time.monotonic() + 15
+    while _ours(prefix) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _ours(prefix) == [], "the watchdog deleted the namespaces of the killed owner"
+    # a dead run without a watchdog (killed with it): made by hand, a process still inside
+    stale = {f"{prefix}-{p.pid}-0-r0", f"{prefix}-{p.pid}-0-hub", f"{prefix}-junk"}  # junk: no pid
+    for name in stale:
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    inside = subprocess.Popen(["ip", "netns", "exec", f"{prefix}-{p.pid}-0-r0", "sleep", "300"])
+    time.sleep(0.3)
     other = f"{prefix}x-1-0-r0"  # another prefix: left alone
     subprocess.run(["ip", "netns", "add", other], check=True)
     try:
         with EmulatedLink(2, 5e6, prefix=prefix) as lk:
-            assert set(lk.removed_stale) == stale | {f"{prefix}-junk"}
+            assert set(lk.removed_stale) == stale
             assert set(_ours(prefix)) == set(lk.namespaces) | {lk.hub}
+            assert inside.wait(timeout=10) == -signal.SIGKILL, "the process inside was killed"
         assert _ours(prefix) == [] and other in list_namespaces()
     finally:
+        inside.kill()
         subprocess.run(["ip", "netns", "del", other], check=False)
 
 

@@ -33,10 +33,14 @@ a faster link than large ones. The achieved all-to-all bandwidth is below the co
 Cleanup: on exit from the ``with`` block, on an exception, on Ctrl-C (SIGINT) and on SIGTERM
 (handlers installed for the lifetime of the block and restored afterwards), and at
 interpreter exit (``atexit``) every namespace of the link is deleted, which destroys the
-veths and the bridge with it. At start, namespaces named ``prefix-<pid>-...`` whose process
-``pid`` no longer exists (left by a killed earlier run), or named ``prefix-...`` without a
-process id, are deleted. Links owned by live processes are left alone (a dead run's pid
-reused by a live process would keep its namespaces until that process ends; they are inert).
+veths and the bridge with it. When the owner dies without any of that (``SIGKILL``), a
+watchdog process it started (in its own session, reading a pipe only the owner holds) sees
+the pipe close, kills any process still inside the namespaces and deletes them. At start,
+namespaces named ``prefix-<pid>-...`` whose process ``pid`` no longer exists (left by a
+killed earlier run), or named ``prefix-...`` without a process id, are deleted, and the
+processes still inside them are killed first. Links owned by live processes are left alone
+(a dead run's pid reused by a live process would keep its namespaces until that process
+ends; they are inert).
 
 Requires root (``CAP_NET_ADMIN`` and ``CAP_SYS_ADMIN``) and the ``ip``/``tc`` tools of
 iproute2; :func:`netns_available` says whether this works here and why not.
@@ -183,6 +187,43 @@ def _stale(name: str, prefix: str) -> bool:
     return pid != os.getpid() and not _pid_alive(pid)
 
 
+def _kill_inside(name: str) -> List[int]:
+    """``SIGKILL`` every process inside namespace ``name`` (``ip netns pids``); their pids."""
+    out = _run("ip", "netns", "pids", name, check=False).stdout.split()
+    killed = []
+    for pid in (int(p) for p in out if p.isdigit()):
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return killed
+
+
+#: The watchdog: blocks on its stdin (a pipe whose write end only the owner holds); at EOF,
+#: i.e. when the owner closes it or dies however it dies, it empties and deletes the
+#: namespaces named on its command line (ranks first, the hub last). Nothing to do if the
+#: owner already deleted them.
+_WATCHDOG = r"""
+import os, signal, subprocess, sys
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(sig, signal.SIG_IGN)
+sys.stdin.buffer.read()
+for name in sys.argv[1:]:
+    if not os.path.exists(os.path.join(os.environ["DSP_NETNS_DIR"], name)):
+        continue
+    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+    for pid in pids.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ValueError, OSError):
+            pass
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+"""
+
+
 def _delete(name: str) -> None:
     """``ip netns del name``, retried once; warn (never raise) if the name survives."""
     for attempt in range(2):
@@ -267,6 +308,7 @@ class EmulatedLink:
         self._lock = threading.RLock()  # re-entrant: the signal handler may call close()
         self._owner = os.getpid()
         self._old_handlers: dict = {}
+        self._watchdog: Optional[subprocess.Popen] = None
         self.removed_stale: List[str] = []
 
     # ---------------------------------------------------------------- set-up / tear-down
@@ -278,6 +320,7 @@ class EmulatedLink:
         atexit.register(self.close)
         try:
             self.removed_stale = self.cleanup_stale(self.prefix)
+            self._start_watchdog()
             self._build()
         except BaseException:
             self.close()
@@ -305,6 +348,29 @@ class EmulatedLink:
             _run("ip", "-n", ns, "addr", "add", f"{addr}/{plen}", "dev", ifn)
             _run("ip", "-n", ns, "link", "set", ifn, "up")
             self._qdisc("add", ns, ifn, self.rate)
+
+    def _start_watchdog(self) -> None:
+        """A process that deletes the namespaces if this one dies without closing the link."""
+        import sys
+
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, *self.namespaces, self.hub],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "DSP_NETNS_DIR": NETNS_DIR},
+            start_new_session=True,  # Ctrl-C to our process group does not reach it
+        )
+
+    def _stop_watchdog(self) -> None:
+        proc, self._watchdog = self._watchdog, None
+        if proc is None:
+            return
+        try:
+            proc.stdin.close()  # EOF: it checks (nothing left to delete) and exits
+            proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
 
     def _add_ns(self, name: str) -> None:
         _run("ip", "netns", "add", name)
@@ -344,6 +410,7 @@ class EmulatedLink:
                 names, self._created = self._created, []
             for name in reversed(names):  # ranks first, the hub last
                 _delete(name)
+            self._stop_watchdog()
         finally:
             for sig, h in old.items():
                 signal.signal(sig, h)
@@ -354,8 +421,10 @@ class EmulatedLink:
     def cleanup_stale(prefix: str = "dspbench") -> List[str]:
         """Delete namespaces ``prefix-...`` left by dead processes; return their names."""
         gone = [n for n in list_namespaces() if _stale(n, prefix)]
-        # rank namespaces before hubs, so veth peers vanish with their owners
+        # rank namespaces before hubs, so veth peers vanish with their owners; processes
+        # still inside (ranks of a killed run) first
         for name in sorted(gone, key=lambda n: n.endswith("-hub")):
+            _kill_inside(name)
             _delete(name)
         return gone
 
