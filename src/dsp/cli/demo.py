@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 import dsp
+from dsp.cli.errors import add_job_flags, apply_timeout
 from dsp.cli.table import human_bytes, print_table
 from dsp.launch import RankPool
 
@@ -35,6 +36,7 @@ def add_parser(sub) -> None:
         "--link", default=None, help="none | nvlink | ib | RATE (default: ib, or none with --quick)"
     )
     p.add_argument("--out", default="dsp-report", help="report directory (default dsp-report)")
+    add_job_flags(p, timeout=120, what="demo")
     p.set_defaults(func=run)
 
 
@@ -108,16 +110,22 @@ def primitives(pool: RankPool, shape) -> bool:
 
 # ----------------------------------------------------------------------------- the job
 def run(args) -> int:
+    from dsp.bench.calibrate import TARGETS, parse_rate
     from dsp.bench.report import environment, markdown, plot, speedups, write_json
     from dsp.bench.runner import BenchConfig, expand
     from dsp.bench.sweep import run_sweep
     from dsp.bench.verify import rank_verify
+    from dsp.watchdog import check_local_world
 
+    apply_timeout(args)
     n = args.world_size
     if n < 2:
-        raise SystemExit(f"dsp demo: --world-size must be >= 2, got {n}")
+        raise ValueError(f"--world-size must be >= 2, got {n}")
+    check_local_world(n, force=args.force)
     quick = args.quick
     link = args.link or ("none" if quick else "ib")
+    if link != "none" and link not in TARGETS:
+        parse_rate(link)  # a ValueError naming the rate before any rank starts
     model = "stdit-tiny"
     overrides = {} if quick else {"hidden": 128, "heads": 8, "depth": 2}
     frames, hw = (8, 16) if quick else (16, 32)
