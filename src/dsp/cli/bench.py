@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 
+from dsp.cli.errors import add_job_flags, apply_timeout
 from dsp.cli.table import human_bytes
 
 
@@ -72,6 +73,7 @@ def add_parser(sub) -> None:
         default="none",
         help="none | nvlink | ib | RATE (e.g. 25MB/s, 200mbit): emulated interconnect",
     )
+    add_job_flags(p, timeout=600, what="sweep")
     p.add_argument("--json", default=None, help="write {meta, results} JSON here")
     p.add_argument(
         "--out",
@@ -124,6 +126,29 @@ def configs_from_args(args):
     return configs
 
 
+def check_flags(args) -> None:
+    """Flags that would fail only after ranks started: one line each, before anything runs."""
+    from dsp.bench.calibrate import TARGETS, parse_rate
+    from dsp.watchdog import check_local_world
+
+    apply_timeout(args)
+    if args.link != "none" and args.link not in TARGETS:
+        try:
+            parse_rate(args.link)
+        except ValueError as e:
+            raise ValueError(
+                f"--link {args.link!r}: expected none, {', '.join(TARGETS)} or a rate such as "
+                f"25MB/s or 200mbit ({e})"
+            ) from None
+    for flag in ("world_size", "frames", "height", "width"):
+        for v in getattr(args, flag):
+            if v < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} values must be >= 1, got {v}")
+    if not args.world_size:
+        raise ValueError("--world-size needs at least one value, e.g. 2,4")
+    check_local_world(max(args.world_size), force=args.force)
+
+
 def progress(total: int):
     """A rich progress bar when rich is installed, else one line per result."""
     try:
@@ -163,6 +188,7 @@ def run(args) -> int:
     from dsp.bench.report import environment, markdown, plot, write_json
     from dsp.bench.sweep import run_sweep
 
+    check_flags(args)
     configs = configs_from_args(args)
     bar, tick = progress(len(configs))
     with bar if bar is not None else _null():
