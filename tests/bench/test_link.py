@@ -19,6 +19,7 @@ import pytest
 from dsp.bench import calibrate, link
 from dsp.bench.calibrate import TARGETS, calibrated_link, parse_rate, target_rate
 from dsp.bench.link import EmulatedLink, list_namespaces, netns_available, tbf_rate
+from dsp.bench.runner import BenchConfig
 from dsp.launch import RankPool
 from tests.bench import where_am_i
 from tests.comm import _cases
@@ -226,9 +227,15 @@ def test_calibrated_link_hits_the_wanted_rate():
 
 def test_calibrated_link_falls_back_to_loopback(monkeypatch, capsys):
     monkeypatch.setattr(calibrate, "netns_available", lambda: (False, "not root (test)"))
-    with calibrated_link(2, "ib", verbose=False) as cal:
+    small = BenchConfig(frames=4, height=8, width=8)
+    with calibrated_link(2, "ib", workload=small, verbose=False) as cal:
         assert not cal.emulated and cal.configured_rate is None and cal.link is None
         assert cal.reason == "not root (test)"
-        assert cal.achieved_rate > 0 and cal.wanted_rate == target_rate("ib", cal.cpu_flops)
+        m = cal.match  # workload-matched: DSP's bytes over its compute at the target's ratio
+        assert cal.wanted_rate == pytest.approx(
+            m["bench_bytes"] / (m["target_ratio"] * m["bench_compute_s"])
+        )
+        assert m["peak_rate"] == target_rate("ib", cal.cpu_flops)
+        assert cal.achieved_rate > 0 and m["bench_ratio"] < m["target_ratio"]  # loopback: fast
     err = capsys.readouterr().err
     assert "not root (test)" in err and "loopback" in err and len(err.strip().splitlines()) == 1

@@ -1,31 +1,31 @@
-"""Pick an emulated link rate so that a CPU run has a target machine's compute:communication ratio.
+"""Pick an emulated link rate so that a CPU benchmark has a target workload's
+communication-to-compute time ratio.
 
-A benchmark on a small CPU box is only meaningful if communication costs what it would on the
-machine it stands for. An H100 computes about 989 TFLOP/s; one CPU core about 10^11 FLOP/s,
-~10^4 times less. If the network is slowed down by the same factor, every compute phase and
-every transfer takes ~10^4 times longer than on the target, and their *ratio* (the thing
-that decides which parallel strategy wins) is the target's:
+A benchmark on a small CPU box is only meaningful if communication costs, relative to
+compute, what it would on the cluster it stands for. The ratio to reproduce is that of a
+named target *workload* (:mod:`dsp.bench.target`: by default STDiT-XL/2, 64 frames x 64 x 64
+tokens, bf16, H100 at its achieved FLOP/s, over InfiniBand or NVLink, DSP on the same N), as
+``dsp simulate`` predicts it; on the CPU the bench model's DSP compute is measured on the
+ranks and its bytes come from the formulas, and the link is set so that
 
-    rate_cpu = bandwidth_target * flops_cpu / flops_target
+    bench bytes / achieved rate = target ratio x bench compute seconds.
 
-where ``flops_cpu`` is the fp32 matmul throughput one rank gets *while all ranks compute at
-once* (ranks share the cores) and ``bandwidth_target`` is the per-GPU bandwidth in one
-direction. :func:`calibrated_link` measures ``flops_cpu``, computes the wanted rate, builds an
-:class:`~dsp.bench.link.EmulatedLink`, measures the all-to-all bandwidth dsp really achieves
-over it (gloo, TCP and the token bucket lose a good part of the configured rate) and corrects
-the configured rate once, so that the *achieved* rate is the wanted one.
+An earlier calibration matched the CPU's fp32 matmul FLOP/s to the H100's *peak* bf16
+FLOP/s against the bandwidth (``rate = bandwidth x cpu_flops / peak_flops``,
+:func:`target_rate` with a :data:`TARGETS` name). It ignored that the target sends bf16 where
+the CPU sends fp32, reaches well under peak, and runs a model 4.5x wider (compute per token
+grows with C^2, bytes with C): it made the emulated regime ~30x more communication-bound
+than STDiT-XL/2 on H100 + InfiniBand. :func:`target_rate` stays for that comparison (reports
+state it as ``peak_rate``) and for raw rates.
 
-Targets (:data:`TARGETS`), per GPU:
+:func:`calibrated_link` builds an :class:`~dsp.bench.link.EmulatedLink`, measures the
+all-to-all bandwidth dsp really achieves over it (gloo, TCP and the token bucket lose a good
+part of the configured rate) and corrects the configured rate once, so that the *achieved*
+rate is the wanted one.
 
-* ``nvlink``: NVIDIA H100 SXM5, dense BF16 tensor-core throughput 989 TFLOP/s (NVIDIA H100
-  Tensor Core GPU datasheet, the figure *without* sparsity; the headline 1979 TFLOP/s assumes
-  2:4 sparsity). NVLink 4: 18 links x 50 GB/s = 900 GB/s bidirectional, i.e. 450 GB/s per
-  direction per GPU (same datasheet), as within one DGX/HGX H100 node.
-* ``ib``: the same GPU across nodes over NDR InfiniBand, 400 Gb/s = 50 GB/s per direction per
-  GPU (NVIDIA ConnectX-7; one NIC per GPU as in DGX H100, 8 x 400 Gb/s per node).
-
-Every other collective pattern (all-gather, ring p2p) is assumed to see the same per-rank
-rate as the all-to-all it is calibrated with; see "Caveats" in :func:`calibrated_link`.
+Links (:data:`TARGETS`, per GPU): ``nvlink``: NVLink 4, 450 GB/s per direction per H100 SXM5
+(NVIDIA H100 datasheet; 900 GB/s bidirectional), one node; ``ib``: NDR InfiniBand 400 Gb/s =
+50 GB/s per direction per GPU (ConnectX-7, one NIC per GPU as in DGX H100), across nodes.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ __all__ = [
     "calibrated_link",
     "measure_alltoall_bandwidth",
     "measure_cpu_flops",
+    "measure_loopback",
     "parse_rate",
     "target_rate",
 ]
@@ -279,6 +280,18 @@ def measure_alltoall_bandwidth(
     return sent / statistics.median(durations)
 
 
+def measure_loopback(pool: RankPool, nbytes: int = 8 * 2**20) -> dict:
+    """CPU FLOP/s per rank and the achieved all-to-all rate of a plain (loopback) pool.
+
+    The same measurements as :func:`calibrated_link` makes on an emulated link, so that
+    ``dsp simulate --from-bench`` can predict a loopback sweep from what that run measured.
+    """
+    out = {"cpu_flops_per_rank": measure_cpu_flops(pool=pool)}
+    if pool.world_size > 1:
+        out["achieved_bytes_per_s"] = measure_alltoall_bandwidth(pool, nbytes)
+    return out
+
+
 # ---------------------------------------------------------------------------- calibration
 @dataclass
 class Calibration:
@@ -297,6 +310,11 @@ class Calibration:
         link: the :class:`EmulatedLink` (``None`` without emulation).
         steps: ``(configured, achieved)`` per measurement, in order.
         nbytes: the all-to-all buffer size used to measure.
+        match: for a named target, what the workload match measured and predicted
+            (:mod:`dsp.bench.target`): ``target`` (description), ``target_ratio``,
+            ``bench_compute_s``, ``bench_bytes``, ``efficiency``, ``peak_rate`` (what the old
+            peak-FLOP/s calibration would have asked for) and, once the link is set,
+            ``bench_ratio`` (DSP's bytes at the achieved rate over its compute).
     """
 
     pool: RankPool
@@ -311,6 +329,7 @@ class Calibration:
     link: Optional[EmulatedLink] = None
     steps: List[Tuple[Optional[float], float]] = field(default_factory=list)
     nbytes: int = 0
+    match: dict = field(default_factory=dict)
 
     @property
     def error(self) -> float:
@@ -320,12 +339,20 @@ class Calibration:
     def summary(self) -> str:
         """One line for reports."""
         how = "emulated" if self.emulated else f"loopback ({self.reason})"
-        return (
+        line = (
             f"{self.target} x{self.world_size} [{how}]: cpu {self.cpu_flops / 1e9:.1f} "
             f"GFLOP/s/rank, wanted {format_rate(self.wanted_rate)}, configured "
             f"{format_rate(self.configured_rate)}, achieved {format_rate(self.achieved_rate)} "
             f"({self.error:+.0%})"
         )
+        m = self.match
+        if m:
+            line += (
+                f"; target {m['target']}: comm/compute {m['target_ratio']:.3f}, bench DSP "
+                f"{m.get('bench_ratio', float('nan')):.3f} ({m['bench_bytes'] / 2**20:.1f} MiB "
+                f"per rank over {m['bench_compute_s']:.3f} s of compute)"
+            )
+        return line
 
 
 def _probe_size(rate: float, world_size: int, seconds: float) -> int:
@@ -334,11 +361,36 @@ def _probe_size(rate: float, world_size: int, seconds: float) -> int:
     return int(min(max(nbytes, 256 * 1024), 64 * 2**20))
 
 
+def _match(pool, name: str, workload, target_workload) -> dict:
+    """Measure the bench model's compute and predict the target's ratio (named targets)."""
+    from dsp.bench.runner import BenchConfig
+    from dsp.bench.target import TargetWorkload, bench_dsp_cost, measure_proxy, target_ratio
+
+    cfg = workload if workload is not None else BenchConfig()
+    tw = target_workload if target_workload is not None else TargetWorkload()
+    flops = measure_cpu_flops(pool=pool)
+    bench = bench_dsp_cost(cfg, pool.world_size, measure_proxy(pool, cfg), flops)
+    out = target_ratio(name, pool.world_size, tw)
+    out.update(
+        cpu_flops=flops,
+        bench_compute_s=bench["compute_s"],
+        bench_bytes=bench["bytes"],
+        efficiency=bench["efficiency"],
+        bench_config=f"{cfg.model} {cfg.frames}x{cfg.height}x{cfg.width} "
+        f"hidden={cfg.hidden} heads={cfg.heads} depth={cfg.depth}",
+        peak_rate=target_rate(name, flops),
+        wanted_rate=bench["bytes"] / (out["target_ratio"] * bench["compute_s"]),
+    )
+    return out
+
+
 @contextlib.contextmanager
 def calibrated_link(
     world_size: int,
     target: Union[str, Target, float, int] = "ib",
     *,
+    workload=None,
+    target_workload=None,
     tolerance: float = 0.15,
     probe_seconds: float = 0.3,
     timeout: float = 120.0,
@@ -347,14 +399,23 @@ def calibrated_link(
     emulate: bool = True,
     verbose: bool = True,
 ) -> Iterator[Calibration]:
-    """A :class:`RankPool` whose network has the ``target``'s compute:communication ratio.
+    """A :class:`RankPool` whose network gives a benchmark the ``target``'s
+    communication-to-compute time ratio.
+
+    ``target`` ``"ib"`` or ``"nvlink"``: workload-matched (:mod:`dsp.bench.target`): the
+    ratio DSP has on ``target_workload`` (default STDiT-XL/2, 64 frames x 64 x 64 tokens,
+    bf16, H100, over that link, the same N) as ``dsp simulate`` predicts it, reproduced for
+    the bench config ``workload`` (a :class:`~dsp.bench.runner.BenchConfig`, default
+    ``BenchConfig()``) on this CPU, whose per-rank compute is measured on the pool. Anything
+    else is a raw rate (:func:`parse_rate`).
 
     Steps: build an :class:`EmulatedLink` (fast at first) and a pool inside it; measure the
-    CPU FLOP/s per rank (:func:`measure_cpu_flops`); set the link to the wanted rate
-    (:func:`target_rate`); measure the achieved all-to-all bandwidth
-    (:func:`measure_alltoall_bandwidth`, a buffer sized to take ``probe_seconds``); if it is
-    off by more than ``tolerance``, scale the configured rate by wanted/achieved once and
-    measure again. Yields a :class:`Calibration`; the pool and the link are removed on exit.
+    CPU FLOP/s per rank (:func:`measure_cpu_flops`) and, for a named target, the bench
+    model's compute; set the link to the wanted rate; measure the achieved all-to-all
+    bandwidth (:func:`measure_alltoall_bandwidth`, a buffer sized to take ``probe_seconds``);
+    if it is off by more than ``tolerance``, scale the configured rate by wanted/achieved once
+    and measure again. Yields a :class:`Calibration`; the pool and the link are removed on
+    exit.
 
     Without network namespaces (not root, no iproute2, ``emulate=False``) it prints one line
     saying why and yields a plain loopback pool (``emulated=False``, ``configured_rate=None``,
@@ -374,13 +435,16 @@ def calibrated_link(
 
     Example::
 
-        with calibrated_link(4, "ib") as cal:
+        with calibrated_link(4, "ib", workload=BenchConfig(frames=16)) as cal:
             print(cal.summary())
             cal.pool.run(my_benchmark_step)
     """
     if world_size < 2:
         raise ValueError(f"calibrated_link: needs at least 2 ranks, got {world_size}")
-    name = _resolve(target).name if _resolve(target) is not None else str(target)
+    named = _resolve(target)
+    name = named.name if named is not None else str(target)
+    if named is None:
+        target_rate(target, None)  # a bad raw rate fails before any namespace exists
     ok, why = netns_available() if emulate else (False, "emulation switched off")
     with contextlib.ExitStack() as stack:
         link = None
@@ -396,8 +460,9 @@ def calibrated_link(
             )
             kw = {}
         pool = stack.enter_context(RankPool(world_size, timeout=timeout, threads=threads, **kw))
-        flops = measure_cpu_flops(pool=pool)
-        wanted = target_rate(target, flops)
+        match = _match(pool, name, workload, target_workload) if named is not None else {}
+        flops = match["cpu_flops"] if match else measure_cpu_flops(pool=pool)
+        wanted = match["wanted_rate"] if match else target_rate(target, flops)
         nbytes = _probe_size(wanted, world_size, probe_seconds)
         cal = Calibration(
             pool=pool,
@@ -411,6 +476,7 @@ def calibrated_link(
             reason="" if ok else why,
             link=link,
             nbytes=nbytes,
+            match=match,
         )
         if link is not None:
             configured = wanted
@@ -426,6 +492,10 @@ def calibrated_link(
         else:
             cal.achieved_rate = measure_alltoall_bandwidth(pool, nbytes)
             cal.steps.append((None, cal.achieved_rate))
+        if match:
+            match["bench_ratio"] = (
+                match["bench_bytes"] / cal.achieved_rate / match["bench_compute_s"]
+            )
         if verbose:
             print(f"dsp.bench: {cal.summary()}", file=sys.stderr)
         yield cal

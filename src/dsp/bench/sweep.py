@@ -31,19 +31,25 @@ class _PlainPools:
 
 
 @contextlib.contextmanager
-def _pools_for(n: int, link: str):
-    """Yield (get_pool, link_meta) for world size ``n``."""
+def _pools_for(n: int, link: str, workload=None, target=None):
+    """Yield (get_pool, link_meta) for world size ``n``; an emulated link is matched to
+    ``target`` (a :class:`~dsp.bench.target.TargetWorkload`) for bench config ``workload``."""
     if link == "none" or n == 1:
         plain = _PlainPools()
         try:
-            yield plain.get, {"description": "plain loopback", "emulated": False}
+            meta = {"description": "plain loopback", "emulated": False}
+            from dsp.bench.calibrate import measure_loopback  # for dsp simulate --from-bench
+
+            meta.update(measure_loopback(plain.get(n)))
+            yield plain.get, meta
         finally:
             plain.close()
         return
     from dsp.bench.calibrate import calibrated_link
 
-    with calibrated_link(n, link) as cal:
+    with calibrated_link(n, link, workload=workload, target_workload=target) as cal:
         meta = {
+            **cal.match,
             "description": cal.summary(),
             "emulated": cal.emulated,
             "target": cal.target,
@@ -74,15 +80,22 @@ def run_sweep(
     configs: List[BenchConfig],
     link: str = "none",
     on_result: Callable[[dict], None] = lambda r: None,
+    target=None,
 ) -> Tuple[List[dict], Dict[int, dict]]:
-    """Run ``configs``; returns the result rows and the link settings per world size."""
+    """Run ``configs``; returns the result rows and the link settings per world size.
+
+    An emulated link is calibrated per world size for the group's largest config (most
+    frames) against ``target`` (:class:`~dsp.bench.target.TargetWorkload`, default STDiT-XL/2).
+    """
     rows: List[dict] = []
     links: Dict[int, dict] = {}
     ordered = sorted(configs, key=lambda c: c.world_size)
     for n, group in groupby(ordered, key=lambda c: c.world_size):
-        with _pools_for(n, link) as (get, meta):
+        group = list(group)
+        ref = max(group, key=lambda c: (c.strategy != "none", c.frames * c.height * c.width))
+        with _pools_for(n, link, ref, target) as (get, meta):
             links[n] = meta
-            for row in run_configs(list(group), get, on_result):
+            for row in run_configs(group, get, on_result):
                 row["link"] = meta.get("description")
                 rows.append(row)
     return rows, links

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dsp.cli import bench, demo, plan, sample, train
+    from dsp.cli import bench, demo, plan, sample, simulate, train
 
     parser = argparse.ArgumentParser(
         prog="dsp",
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(sub)
     sample.add_parser(sub)
     plan.add_parser(sub)
+    simulate.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,152 @@
+"""Predict a ``dsp bench`` run with the cost model, from what that run measured.
+
+The "cluster" is the benchmark machine: one GPU per rank whose FLOP/s is the run's measured
+fp32 matmul rate per rank (``cpu_flops_per_rank``, all ranks busy) times one efficiency, and
+a link with the run's rates:
+
+* efficiency: how much of the matmul rate a whole training step achieves, from the run's
+  single-process reference (``--single``: FLOPs of one step / its median time / the matmul
+  rate of one rank on its own core, i.e. the largest per-rank rate the run measured); a run
+  without it uses :data:`CPU_EFFICIENCY`;
+* emulated link: bandwidth = the configured tbf rate (what a one-way ring step gets), all-to-all
+  efficiency = achieved / configured (gloo's all-to-all over a slow link is about
+  half-duplex, see :func:`dsp.bench.calibrate.measure_alltoall_bandwidth`);
+* loopback: bandwidth = the measured all-to-all rate for every pattern.
+
+Nothing overlaps on CPU ranks (the gradient all-reduce runs after backward).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from typing import Dict, List, Optional, Tuple
+
+from dsp.sim.flops import step_flops
+from dsp.sim.hardware import Cluster, Gpu, Link
+from dsp.sim.step import simulate
+from dsp.sim.workload import Workload
+
+__all__ = ["CPU_EFFICIENCY", "bench_workload", "bench_cluster", "predict_bench", "comparison"]
+
+#: Step FLOP/s over 512x512 fp32 matmul FLOP/s measured for the STDiT bench model (hidden 256,
+#: 8 heads, depth 2, 16 x 32 x 32) on this project's 2-core machine, 2026-11-28; used only
+#: when a run has no single-process reference.
+CPU_EFFICIENCY = 0.35
+_CPU_LATENCY = 1e-4  # seconds per gloo collective call on a local bridge / loopback
+
+
+def bench_workload(row: dict, grad_sync: bool = True) -> Workload:
+    """The :class:`Workload` of one ``dsp bench`` result row (fp32, no checkpointing)."""
+    over = {
+        k: row[j]
+        for j, k in (("depth", "depth"), ("hidden", "hidden_size"), ("heads", "num_heads"))
+        if row.get(j)
+    }
+    opts = row.get("options") or {}
+    return Workload(
+        model=row["model"],
+        strategy=row["strategy"],
+        frames=row["frames"],
+        height=row["height"],
+        width=row["width"],
+        batch=row["batch"],
+        mode=row["mode"],
+        sp=row["world_size"],
+        dp=1,
+        text_len=row.get("text_len", 16),
+        elem=4,
+        param_elem=4,
+        master_elem=4,
+        activation_checkpointing=False,
+        dp_style="ddp",
+        grad_sync=grad_sync and row.get("grad_sync", True),
+        ulysses_degree=opts.get("ulysses_degree"),
+        overrides=over,
+    )
+
+
+def _links(meta: dict) -> Dict[int, dict]:
+    return {int(k): v for k, v in meta.get("link", {}).get("per_world_size", {}).items()}
+
+
+def _efficiency(data: dict) -> Tuple[float, str]:
+    links = _links(data["meta"])
+    rates = [v["cpu_flops_per_rank"] for v in links.values() if v.get("cpu_flops_per_rank")]
+    single = [r for r in data["results"] if r["strategy"] == "none" and r["step_time_s"]]
+    if not single or not rates:
+        return CPU_EFFICIENCY, f"default {CPU_EFFICIENCY} (no single-process reference)"
+    effs = []
+    for r in single:
+        w = bench_workload(r)
+        effs.append(step_flops(w, attn_bwd=2.0)["total"] / r["step_time_s"]["median"] / max(rates))
+    eff = statistics.median(effs)
+    return eff, f"{eff:.3f} from the single-process step(s) and {max(rates) / 1e9:.1f} GFLOP/s"
+
+
+def bench_cluster(meta: dict, n: int, efficiency: float) -> Cluster:
+    """The benchmark machine as an ``n``-rank :class:`Cluster` (see the module doc)."""
+    links = _links(meta)
+    link = links.get(n, {})
+    flops = link.get("cpu_flops_per_rank") or max(
+        (v["cpu_flops_per_rank"] for v in links.values() if v.get("cpu_flops_per_rank")),
+        default=None,
+    )
+    if flops is None:
+        raise ValueError(
+            f"bench JSON has no measured CPU FLOP/s (N={n}): re-run dsp bench with this version"
+        )
+    gpu = Gpu("cpu", flops, efficiency, float("inf"), "measured by dsp bench")
+    achieved = link.get("achieved_bytes_per_s") or 1e12
+    configured = link.get("configured_bytes_per_s") if link.get("emulated") else None
+    bw = configured or achieved
+    wire = Link("bench", bw, _CPU_LATENCY, min(1.0, achieved / bw), link.get("description", ""))
+    return Cluster(n, 1, gpu, wire, wire, f"bench N={n}")
+
+
+def predict_bench(data: dict) -> Tuple[List[dict], str]:
+    """(prediction rows, efficiency note) for every configuration of a bench JSON."""
+    eff, note = _efficiency(data)
+    grad_sync = not data["meta"].get("config", {}).get("no_grad_sync", False)
+    out = []
+    for row in data["results"]:
+        if not row.get("step_time_s"):
+            continue
+        w = bench_workload(row, grad_sync)
+        pred = simulate(w, bench_cluster(data["meta"], w.sp, eff), overlap_dp=False, attn_bwd=2.0)
+        measured = row["step_time_s"]["median"]
+        pred.update(
+            measured_step_s=measured,
+            predicted_step_s=pred["step_time_s"]["median"],
+            error=None,
+            ratio=pred["step_time_s"]["median"] / measured,
+            measured_bytes=(row["bytes_sent_forward"], row["bytes_sent_backward"]),
+        )
+        out.append(pred)
+    return out, note
+
+
+def comparison(path: str, data: Optional[dict] = None) -> str:
+    """A markdown table: predicted vs measured step time per configuration of ``path``."""
+    if data is None:
+        with open(path) as f:
+            data = json.load(f)
+    rows, note = predict_bench(data)
+    link = data["meta"].get("link", {}).get("description", "")
+    lines = [
+        f"`{path}`: {data['meta'].get('command', '')}",
+        "",
+        f"- link: {link}",
+        f"- step efficiency (step FLOP/s / matmul FLOP/s): {note}",
+        "",
+        "| strategy | N | T x H x W | compute s | comm s | predicted s | measured s | "
+        "predicted / measured |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['strategy']} | {r['world_size']} | {r['frames']}x{r['height']}x{r['width']} | "
+            f"{r['compute_s']:.3f} | {r['exposed_comm_s']:.3f} | {r['predicted_step_s']:.3f} | "
+            f"{r['measured_step_s']:.3f} | {r['ratio']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"

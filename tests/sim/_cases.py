@@ -1,0 +1,68 @@
+"""Per-rank bodies for the cost model's multi-rank checks (run inside a RankPool)."""
+
+from __future__ import annotations
+
+import torch
+
+import dsp
+from dsp.memory import saved_activations
+from dsp.models import build_model
+from dsp.strategies import get_strategy
+
+TEXT_LEN = 6
+
+
+def inputs(model, shape, dtype=torch.float32):
+    b, t, h, w = shape
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, c.in_channels, t, h, w, generator=g, dtype=dtype)
+    y = torch.randn(b, TEXT_LEN, c.caption_channels, generator=g, dtype=dtype)
+    return x, torch.randint(0, 1000, (b,), generator=g), y
+
+
+def measure(model_name, strategy, shape, options=None):
+    """This rank's bytes (forward, backward, gradient sync) and saved activations, fp32."""
+    torch.manual_seed(0)
+    model = build_model(model_name, zero_init=False)
+    x, t, y = inputs(model, shape)
+    strat = get_strategy(strategy, **(options or {}))
+    strat.apply(model)
+    with dsp.comm_log() as log:
+        with saved_activations(model.parameters()) as saved:
+            out = model(x, t, y)
+        out.sum().backward()
+    with dsp.comm_log() as sync:
+        strat.sync_grads(model)
+    return {
+        "forward": log.sent("forward"),
+        "backward": log.sent("backward"),
+        "sync": sync.bytes_sent,
+        "saved": saved.bytes,
+    }
+
+
+def flops(model_name, strategy, shape, core=None):
+    """This rank's FLOPs of one forward + backward by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = build_model(model_name, zero_init=False)
+    if core is not None:
+        for m in model.modules():
+            if hasattr(m, "core"):
+                m.core = core
+    x, t, y = inputs(model, shape)
+    get_strategy(strategy).apply(model)
+    with FlopCounterMode(display=False) as fc:
+        model(x, t, y).sum().backward()
+    return fc.get_total_flops()
+
+
+def math_core(q, k, v, mask=None):
+    """Attention as two matmuls (counted by flop_counter, unlike CPU SDPA)."""
+    q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (N, H, L, D)
+    a = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    if mask is not None:
+        a = a.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return (a.softmax(-1) @ v).transpose(1, 2)  # (N, L, H, D)

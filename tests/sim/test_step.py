@@ -1,0 +1,109 @@
+"""Clusters, step times, the mesh search and predictions of bench runs."""
+
+import dataclasses
+import json
+
+import pytest
+
+from dsp.sim.frombench import comparison, predict_bench
+from dsp.sim.hardware import LINKS, cluster
+from dsp.sim.search import hierarchical_transfers, search
+from dsp.sim.step import simulate
+from dsp.sim.workload import Workload
+
+
+def test_cluster_presets_and_links():
+    c = cluster("16x8xh100-ib")
+    assert (c.nodes, c.gpus_per_node, c.gpus) == (16, 8, 128)
+    assert c.link_for(8) is c.intra and c.link_for(16) is c.inter
+    one = cluster("8xh100-nvlink")
+    assert (one.nodes, one.gpus) == (1, 8)
+    assert cluster("4xh100-ib").link_for(2) is LINKS["ib"]  # one GPU per node
+    assert cluster("16x8xh100-ib", gpus=32).nodes == 4
+    assert (
+        cluster({"nodes": 2, "gpus_per_node": 4, "gpu": {"name": "h100", "mfu": 0.5}}).gpu.mfu
+        == 0.5
+    )
+    with pytest.raises(ValueError, match="unknown cluster"):
+        cluster("8xh100-ethernet")
+
+
+def test_step_record_adds_up():
+    w = Workload(strategy="dsp", frames=64, sp=8, activation_checkpointing=True)
+    r = simulate(w, cluster("8xh100-nvlink"))
+    assert r["step_time_s"]["median"] == pytest.approx(r["compute_s"] + r["exposed_comm_s"])
+    assert r["samples_per_s"] == pytest.approx(1 / r["step_time_s"]["median"])
+    assert r["tokens"] == 64 * 64 * 64 and r["fits"]
+    # the same bytes over IB take longer
+    slow = simulate(w, cluster("8x1xh100-ib"))
+    assert slow["exposed_comm_s"] > 5 * r["exposed_comm_s"]
+
+
+def test_dsp_beats_the_embedded_strategies_and_memory_limits():
+    c = cluster("8xh100-nvlink")
+    times = {
+        s: simulate(Workload(strategy=s, frames=128, sp=8), c)["step_time_s"]["median"]
+        for s in ("dsp", "ulysses", "ring", "megatron_sp")
+    }
+    assert times["dsp"] == min(times.values())
+    big = Workload(strategy="dsp", frames=1024, sp=8, activation_checkpointing=False)
+    assert not simulate(big, c)["fits"]
+
+
+def test_search_prefers_fitting_fast_meshes():
+    base = Workload(frames=256, activation_checkpointing=True)
+    ranked = search(base, cluster("2x8xh100-ib"), strategies=["dsp", "ulysses"])
+    assert ranked[0]["fits"]
+    fits = [r for r in ranked if r["fits"]]
+    assert ranked[0]["time_per_sample_s"] == min(r["time_per_sample_s"] for r in fits)
+    assert {"flat", "2-stage switch", "ring over T"} <= {r["placement"] for r in ranked}
+    # sp over 2 nodes: the hierarchical placement keeps the switches on NVLink
+    w = dataclasses.replace(base, strategy="dsp", sp=16)
+    intra = [t for t in hierarchical_transfers(w, 8, "T") if "intra" in t.what]
+    assert intra and all(t.span == 8 for t in intra)
+
+
+def _fake_bench(tmp_path):
+    row = {
+        "model": "stdit-tiny",
+        "world_size": 1,
+        "frames": 8,
+        "height": 16,
+        "width": 16,
+        "batch": 1,
+        "mode": "train",
+        "depth": None,
+        "hidden": None,
+        "heads": None,
+        "text_len": 16,
+        "grad_sync": True,
+        "options": {},
+        "step_time_s": {"median": 0.1},
+        "bytes_sent_forward": 0,
+        "bytes_sent_backward": 0,
+        "strategy": "none",
+    }
+    dsp_row = {**row, "strategy": "dsp", "world_size": 2, "step_time_s": {"median": 0.07}}
+    meta = {
+        "command": "dsp bench ...",
+        "config": {"no_grad_sync": True},
+        "link": {
+            "description": "loopback",
+            "per_world_size": {
+                "1": {"cpu_flops_per_rank": 50e9},
+                "2": {"cpu_flops_per_rank": 50e9, "achieved_bytes_per_s": 5e8, "emulated": False},
+            },
+        },
+    }
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"meta": meta, "results": [row, dsp_row]}))
+    return path
+
+
+def test_from_bench_predicts_every_configuration(tmp_path):
+    path = _fake_bench(tmp_path)
+    rows, note = predict_bench(json.loads(path.read_text()))
+    assert [r["strategy"] for r in rows] == ["none", "dsp"]
+    assert rows[0]["ratio"] == pytest.approx(1.0)  # the efficiency comes from this step
+    assert 0.5 < rows[1]["predicted_step_s"] / 0.05 < 1.5 and "single-process" in note
+    assert "| dsp | 2 |" in comparison(str(path))
