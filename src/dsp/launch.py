@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
-import queue
 import re
 import signal
 import socket
@@ -49,7 +49,17 @@ class RankError(RuntimeError):
 
     def summary(self) -> str:
         """The causes, one per line, then the folded secondary errors."""
-        lines = [self.causes[r] for r in sorted(self.causes)]
+        lines, same = [], {}  # the same error raised on several ranks: one line
+        for r in sorted(self.causes):
+            text = self.causes[r]
+            prefix = f"rank {r}: "
+            if text.startswith(prefix):
+                same.setdefault(text[len(prefix) :], []).append(r)
+            else:
+                lines.append(text)
+        for text, ranks in same.items():
+            who = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {_ranges(ranks)}"
+            lines.append(f"{who}: {text}")
         if self.secondary:
             lines.append(
                 "then "
@@ -76,6 +86,18 @@ _SECONDARY = (
     "ECONNRESET",
     "EPIPE",
 )
+
+
+def _ranges(ranks: list) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    out, start = [], None
+    for i, r in enumerate(ranks):
+        if start is None:
+            start = r
+        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
+            out.append(str(start) if start == r else f"{start}-{r}")
+            start = None
+    return ", ".join(out)
 
 
 def _first_line(text: str) -> str:
@@ -152,8 +174,7 @@ def _worker(
     threads,
     path,
     env,
-    inq,
-    outq,
+    conn,
     netns,
     heartbeats,
     owner,
@@ -174,23 +195,30 @@ def _worker(
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://{addr}:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
+    try:
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{addr}:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    except Exception as e:  # noqa: BLE001 - the answer to the first job: an error, not a death
+        conn.send((False, f"{type(e).__name__}: joining the process group: {e}"))
+        sys.exit(1)
     while True:
-        job = inq.get()
+        try:
+            job = conn.recv()
+        except EOFError:  # the launcher is gone
+            break
         if job is None:
             break
         fn, args, kwargs = job
         try:
-            outq.put((rank, True, fn(*args, **kwargs)))
+            conn.send((True, fn(*args, **kwargs)))
         except BaseException as e:  # noqa: BLE001 - reported to the parent
             msg = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-            outq.put((rank, False, f"{type(e).__name__}: {e}\n{msg}"))
+            conn.send((False, f"{type(e).__name__}: {e}\n{msg}"))
     dist.destroy_process_group()
 
 
@@ -257,8 +285,10 @@ class RankPool:
         self.broken = False
         self.swept = sweep_orphans()
         ctx = mp.get_context("spawn")
-        self._outq = ctx.Queue()
-        self._inqs = [ctx.Queue() for _ in range(world_size)]
+        # one pipe per rank, no queues: queues need named semaphores in /dev/shm, which a
+        # launcher killed together with multiprocessing's resource tracker would leak
+        pipes = [ctx.Pipe() for _ in range(world_size)]
+        self._conns = [mine for mine, _ in pipes]
         self._heartbeats = Heartbeats(ctx, world_size)
         self._started = time.monotonic()
         port = free_port()
@@ -285,8 +315,7 @@ class RankPool:
                     threads,
                     list(sys.path),
                     envs[r],
-                    self._inqs[r],
-                    self._outq,
+                    pipes[r][1],
                     netns[r] if netns is not None else None,
                     self._heartbeats,
                     owner,
@@ -318,7 +347,7 @@ class RankPool:
         hung = {}
         for r in sorted(pending):
             age = self._heartbeats.age(r, now)
-            limit = self.timeout if age is not None else self.timeout + 60  # torch import
+            limit = self.timeout if age is not None else self.timeout + 30  # torch import
             if (age if age is not None else now - self._started) > limit:
                 p = self._procs[r]
                 quiet = f"no heartbeat for {age:.0f} s" if age is not None else "never started"
@@ -334,27 +363,33 @@ class RankPool:
         Raises:
             RankError: if any rank raised, died or hung (the cause first; see the class).
         """
-        from dsp.watchdog import describe_exit
+        from dsp.watchdog import describe_exit, process_state
 
         if self.broken:
             raise RuntimeError("RankPool: an earlier run left the pool broken; make a new one")
-        for q in self._inqs:
-            q.put((fn, args, kwargs))
+        for conn in self._conns:
+            conn.send((fn, args, kwargs))
         results: dict = {}
         errors: dict = {}
         failed_at = None  # when the first failure was seen
         grace = 0.0
         causes: dict = {}
+        closed: set = set()  # pipes at EOF: their rank died (its exit code follows)
         while len(results) + len(errors) < self.world_size:
-            try:
-                rank, ok, value = self._outq.get(timeout=0.25)
+            done = set(results) | set(errors) | set(causes) | closed
+            waiting = {self._conns[r]: r for r in range(self.world_size) if r not in done}
+            ready = mp_connection.wait(list(waiting), timeout=0.25) if waiting else time.sleep(0.1)
+            for conn in ready or []:
+                rank = waiting[conn]
+                try:
+                    ok, value = conn.recv()
+                except (EOFError, OSError):  # it died: the exit code is examined below
+                    closed.add(rank)
+                    continue
                 (results if ok else errors)[rank] = value
                 if not ok and failed_at is None:
                     failed_at = time.monotonic()
                     grace = min(GRACE_AFTER_ERROR, self.timeout + 5)
-                continue
-            except queue.Empty:
-                pass
             now = time.monotonic()
             pending = set(range(self.world_size)) - set(results) - set(errors)
             for r in sorted(pending):
@@ -373,6 +408,17 @@ class RankPool:
         pending = set(range(self.world_size)) - set(results) - set(errors)
         # every rank raised: still in step, the pool stays usable; otherwise retire it
         self.broken = bool(pending or causes or results)
+        # pending ranks that are stopped or not beating any more are the cause, not those that
+        # timed out waiting for them
+        now = time.monotonic()
+        for r in sorted(pending - set(causes)):
+            age, state = self._heartbeats.age(r, now), process_state(self._procs[r].pid)
+            if state.startswith("stopped") or age is None or age > 4 * self._heartbeats.period:
+                quiet = f"no heartbeat for {age:.0f} s" if age is not None else "never started"
+                causes[r] = (
+                    f"rank {r} (pid {self._procs[r].pid}) stopped answering: {quiet}, "
+                    f"process {state}"
+                )
         for r in sorted(pending):
             self._kill(r)
         lines = {r: _first_line(e) for r, e in errors.items()}
@@ -400,10 +446,10 @@ class RankPool:
                 if r < len(self._procs) and self._procs[r].pid is not None:
                     self._kill(r)
             return
-        for q, p in zip(self._inqs, self._procs):
+        for conn, p in zip(self._conns, self._procs):
             if p.is_alive():
                 try:
-                    q.put(None)
+                    conn.send(None)
                 except (OSError, ValueError):
                     pass
         for p in self._procs:

@@ -1,4 +1,5 @@
-"""A training progress bar: rich when installed (the ``bench`` extra), plain lines otherwise."""
+"""A training progress bar: rich on a terminal when installed (the ``bench`` extra), plain
+lines otherwise (pipes, log files)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ class ProgressBar:
         self.total, self.start, self.enabled, self.every = total, start, enabled, max(1, every)
         self._rich = None
         self._task = None
-        if not enabled:
+        if not enabled or not sys.stdout.isatty():  # logs and pipes get plain lines
             return
         try:
             from rich.progress import (

@@ -1,0 +1,107 @@
+"""A rank that dies or stops, a launcher that is killed, Ctrl-C: `dsp train` and `dsp sample`
+end within timeout + 30 s, name the rank, and leave no process or semaphore behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from dsp.train.checkpoint import verify_checkpoint
+
+from ._proc import BOUND, TIMEOUT, Dsp, leaked_shm, no_ranks_left, no_tmp, shm_entries
+
+TRAIN = ["train", "--world-size", "2", "--sp", "2", "--steps", "100000",
+         "--log-every", "1", "--set", "depth=1"]  # fmt: skip
+SAMPLE = ["sample", "--world-size", "2", "--steps", "100000", "--model", "stdit-tiny"]
+
+
+def _start(args, tmp_path) -> Dsp:
+    job = Dsp(args + ["--out", str(tmp_path / "v.gif")] if args[0] == "sample" else args)
+    return job
+
+
+def _running(job: Dsp) -> dict:
+    """The job's ranks once they are inside the job (train: after step 2)."""
+    ranks = job.ranks(2)
+    if job.args[0] == "train":
+        job.wait_for("step 2/")
+    else:
+        time.sleep(6)  # past torch's import and the process group: inside the sampling loop
+    return ranks
+
+
+def _record(tmp_path, name, seconds):
+    """Figures for docs/reliability.md (printed with -s; asserted below)."""
+    print(f"{name}: ended {seconds:.1f} s after the fault (bound {BOUND} s)")
+
+
+@pytest.mark.parametrize("command", ["train", "sample"])
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGSTOP"])
+def test_a_rank_dies_or_stops(tmp_path, command, sig):
+    before = shm_entries()
+    job = _start(TRAIN if command == "train" else SAMPLE, tmp_path)
+    try:
+        ranks = _running(job)
+        victim = ranks[1]
+        os.kill(victim, getattr(signal, sig))
+        took = job.wait()
+    finally:
+        job.kill()
+    _record(tmp_path, f"{command} {sig} rank 1", took)
+    out = job.output
+    assert job.proc.returncode == 1, out[-3000:]
+    assert took <= BOUND
+    if sig == "SIGKILL":
+        assert took <= 10, "a death is noticed at once"
+        want = f"rank 1 (pid {victim}) died: SIGKILL"
+    else:
+        assert took <= TIMEOUT + 10, "a stopped rank is noticed after the timeout"
+        want = f"rank 1 (pid {victim}) stopped answering"
+    first = [line for line in out.splitlines() if line.startswith(f"dsp {command}: error:")]
+    assert first and want in first[0], out[-3000:]  # the cause comes first, on the error line
+    assert "Traceback" not in out
+    assert no_ranks_left(job.pid) == []
+    assert leaked_shm(before) == set()
+
+
+@pytest.mark.parametrize("command", ["train", "sample"])
+def test_the_launcher_is_killed(tmp_path, command):
+    """SIGKILL of the parent: no handler runs, the ranks die with it (parent-death signal) and
+    the resource tracker then unlinks the queues' semaphores."""
+    before = shm_entries()
+    job = _start(TRAIN if command == "train" else SAMPLE, tmp_path)
+    try:
+        ranks = _running(job)
+        job.signal(signal.SIGKILL)
+        start = time.monotonic()
+        left = no_ranks_left(job.pid, wait=BOUND)
+        took = time.monotonic() - start
+    finally:
+        job.kill()
+    _record(tmp_path, f"{command} launcher SIGKILL", took)
+    assert left == [] and took <= 5, (ranks, left)
+    assert leaked_shm(before) == set()
+
+
+def test_ctrl_c_names_the_intact_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    job = Dsp(TRAIN + ["--ckpt-dir", str(ckpt), "--save-every", "2"])
+    try:
+        job.ranks(2)
+        job.wait_for("step 3/")
+        job.signal(signal.SIGINT, group=True)  # what a terminal sends to the foreground group
+        took = job.wait()
+    finally:
+        job.kill()
+    _record(tmp_path, "train Ctrl-C", took)
+    out = job.output
+    assert job.proc.returncode == 130, out[-3000:]
+    lines = [line for line in out.splitlines() if line.startswith("dsp train: interrupted")]
+    assert lines and "is intact: continue with --resume" in lines[0], out[-3000:]
+    named = lines[0].split("interrupted; ", 1)[1].split(" is intact")[0]
+    assert verify_checkpoint(named) is None, "the checkpoint it names is intact"
+    assert "Traceback" not in out and took <= 10
+    assert no_ranks_left(job.pid) == [] and no_tmp(ckpt) == []
