@@ -13,7 +13,6 @@ from dsp.models import (
     CrossAttention,
     LatteConfig,
     STDiTConfig,
-    TemporalPosEmbed,
     build_model,
     list_models,
     sdpa_core,
@@ -126,15 +125,14 @@ SLICES = {"T": (slice(None), slice(1, 3)), "S": (slice(None), slice(None), slice
 LAYOUT_CASES = [
     # (model, module name, dims it may be sliced on)
     ("stdit-tiny", "blocks.0.attn", "T"),
-    ("stdit-tiny", "blocks.0.attn_temp", "S"),  # holds the temporal position embedding
+    ("stdit-tiny", "blocks.0.attn_temp", "S"),
     ("stdit-tiny", "blocks.1.attn_temp", "S"),
-    ("stdit-tiny", "blocks.0.attn_temp.pos_embed", "S"),
     ("stdit-tiny", "blocks.0.cross_attn", "TS"),
     ("stdit-tiny", "blocks.0.mlp", "TS"),
     ("stdit-tiny", "blocks.0.norm1", "TS"),
     ("stdit-tiny", "final_layer.linear", "TS"),
     ("latte-tiny", "blocks.0", "T"),  # spatial block
-    ("latte-tiny", "blocks.1", "S"),  # first temporal block, holds the position embedding
+    ("latte-tiny", "blocks.1", "S"),  # first temporal block, adds the position table
     ("latte-tiny", "blocks.3", "S"),
     ("latte-tiny", "blocks.1.attn", "S"),
     ("latte-tiny", "blocks.2.cross_attn", "TS"),
@@ -171,17 +169,14 @@ def test_position_dependent_modules_are_marked():
         marked = {
             n: m.compute_dim
             for n, m in make_model(name).named_modules()
-            if isinstance(m, (Attention, TemporalPosEmbed))
+            if isinstance(m, Attention)
         }
         assert set(marked.values()) == {"S", "T"}
+    # frame positions: a (T, C) table the parent passes to the blocks that use it
     stdit = make_model("stdit-tiny")
-    assert [n for n, m in stdit.named_modules() if isinstance(m, TemporalPosEmbed)] == [
-        "blocks.0.attn_temp.pos_embed"
-    ]
+    assert [b.temporal_pos for b in stdit.blocks] == [True, False]
     latte = make_model("latte-tiny")
-    assert [n for n, m in latte.named_modules() if isinstance(m, TemporalPosEmbed)] == [
-        "blocks.1.pos_embed"
-    ]
+    assert [b.temporal_pos for b in latte.blocks] == [False, True, False, False]
     assert [b.attn_dim for b in latte.blocks] == ["S", "T", "S", "T"]
     assert [b.cross_attn is not None for b in latte.blocks] == [True, False, True, False]
 

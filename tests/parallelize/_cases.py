@@ -10,6 +10,7 @@ import torch.distributed as dist
 import dsp
 import dsp.parallelize as P
 from dsp.models import build_model
+from dsp.models.plans import hand_plan
 
 TEXT_LEN = 6
 SHAPES = {  # uneven over 2, 3 and 4 ranks, every sequence dim >= 4
@@ -80,7 +81,7 @@ def equality(name: str, which: str = "planner", atol: float = 1e-9):
     outs_ref, grads_ref = run(ref, inputs, weights)
 
     rec = P.record(model, inputs)
-    plan = rec.plan(n) if which == "planner" else P.hand_plan(model)
+    plan = rec.plan(n) if which == "planner" else hand_plan(model)
     predicted = rec.cost(plan, n)
     handle = dsp.parallelize(model, plan)
     with dsp.comm_log() as log:

@@ -7,6 +7,7 @@ import torch
 
 import dsp.parallelize as P
 from dsp.models import build_model
+from dsp.models.plans import hand_plan
 from dsp.parallelize import Plan, PlanError, Stage, Stream
 from tests.parallelize._cases import make_inputs
 
@@ -27,7 +28,7 @@ def recordings():
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_plans_round_trip_through_json(recordings, name, n):
     model, rec = recordings[name]
-    for plan in (rec.plan(n), P.hand_plan(model)):
+    for plan in (rec.plan(n), hand_plan(model)):
         text = plan.to_json()
         json.loads(text)  # valid JSON
         again = Plan.from_json(text)
@@ -47,7 +48,7 @@ def test_plans_compare_by_value(recordings):
     plan = rec.plan(2)
     assert plan == other_plan and plan is not other_plan
     assert plan == P.Plan.from_json(other_plan.to_json())
-    assert rec.plan(2) != P.hand_plan(model)
+    assert rec.plan(2) != hand_plan(model)
     assert len({plan, other_plan, P.Plan.from_json(plan.to_json())}) == 1
 
 

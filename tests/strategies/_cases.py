@@ -53,7 +53,7 @@ def equality(model_name, strategy, shape, options=None, atol=1e-9):
     out_ref, x_ref, y_ref = run_model(ref, inputs, w)
 
     strat = get_strategy(strategy, **(options or {}))
-    strat.apply(model)
+    strat.apply(model, inputs)
     with dsp.comm_log() as log:
         out, x, y = run_model(model, inputs, w)
     strat.sync_grads(model)
@@ -79,7 +79,7 @@ def measure(model_name, strategy, shape, options=None, **overrides):
     torch.manual_seed(0)
     model = build_model(model_name, zero_init=False, **overrides).double()
     inputs = make_inputs(model, batch, frames, height, width)
-    get_strategy(strategy, **(options or {})).apply(model)
+    get_strategy(strategy, **({"plan": "hand"} | (options or {}))).apply(model, inputs)
     with dsp.comm_log() as log:
         out, _, _ = run_model(model, inputs, 1.0)
     return {"forward": log.sent("forward"), "backward": log.sent("backward")}
@@ -94,7 +94,8 @@ def saved_bytes(model_name, strategy, shape, options=None, dtype=torch.float32):
     model = build_model(model_name, zero_init=False).to(dtype)
     x, t, y, mask = make_inputs(model, batch, frames, height, width)
     if strategy != "single":
-        get_strategy(strategy, **(options or {})).apply(model)
+        example = (x.to(dtype), t, y.to(dtype), mask)
+        get_strategy(strategy, **(options or {})).apply(model, example)
     with saved_activations(model.parameters()) as saved:
         out = model(x.to(dtype).requires_grad_(), t, y.to(dtype), mask)
     out.sum().backward()

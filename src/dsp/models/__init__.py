@@ -2,8 +2,8 @@
 
 Blocks work on ``(B, T, S, C)`` activations and read T and S from the input,
 attention modules take an injectable ``core``, and position-dependent work
-lives only in :class:`Attention` and :class:`TemporalPosEmbed`, so parallel
-strategies apply from outside. The same rules hold for the 3-axis axial video transformer
+lives only in :class:`Attention` (frame positions are a table the parent passes in), so
+parallel plans apply from outside. The same rules hold for the 3-axis axial video transformer
 (:mod:`dsp.models.axial`) and the Evoformer-style protein trunk (:mod:`dsp.models.evoformer`).
 Build a model by name::
 
@@ -26,12 +26,12 @@ from dsp.models.layers import (
     FinalLayer,
     Mlp,
     PatchEmbed3D,
-    TemporalPosEmbed,
     TimestepEmbedder,
     modulate,
     sdpa_core,
     sincos_1d,
     sincos_2d,
+    temporal_table,
 )
 from dsp.models.stdit import STDiT, STDiTBlock, STDiTConfig
 
@@ -107,7 +107,7 @@ __all__ = [
     "STDiT",
     "STDiTBlock",
     "STDiTConfig",
-    "TemporalPosEmbed",
+    "temporal_table",
     "TimestepEmbedder",
     "build_model",
     "list_models",

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from dsp.models.layers import Mlp, check_heads, sdpa_core, sincos_1d
+from dsp.parallelize.plan import Stream
 
 AXES = ("T", "H", "W")  # tensor dims 1, 2, 3 of (B, T, H, W, C)
 
@@ -111,6 +112,8 @@ class AxialBlock(nn.Module):
 
 class AxialTransformer(nn.Module):
     """Video ``(B, C_in, T, H, W)`` -> ``(B, C_out, T, H, W)`` through axial blocks."""
+
+    dsp_streams = (Stream("x", ("B", "T", "H", "W", "C"), "blocks.0", "final_layer", "T"),)
 
     def __init__(self, config: AxialConfig):
         super().__init__()

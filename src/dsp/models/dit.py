@@ -22,8 +22,10 @@ from dsp.models.layers import (
     check_text,
     init_weights,
     sincos_2d,
+    temporal_table,
     unpatchify,
 )
+from dsp.parallelize.plan import Stream
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,9 @@ class VideoDiT(nn.Module):
         mask: optional ``(B, L)``, True/1 for real text tokens.
     """
 
+    #: the activation between ``blocks.0`` and ``final_layer``, split on T at rest
+    dsp_streams = (Stream("x", ("B", "T", "S", "C"), "blocks.0", "final_layer", "T"),)
+
     def __init__(self, config):
         super().__init__()
         self.config = c = config
@@ -77,7 +82,8 @@ class VideoDiT(nn.Module):
         self.initialize_weights()
 
     def build_blocks(self, config) -> nn.ModuleList:  # pragma: no cover - overridden
-        """The transformer blocks, each called as ``block(x, y, t0, mask)``."""
+        """The transformer blocks, each called as ``block(x, y, t0, mask, tpe=...)`` (the
+        temporal position table for blocks with ``temporal_pos``, else ``None``)."""
         raise TypeError(f"{type(self).__name__} must define build_blocks()")
 
     def zero_init_layers(self) -> List[nn.Module]:
@@ -103,7 +109,9 @@ class VideoDiT(nn.Module):
         t = self.t_embedder(timestep)  # (B, C)
         t0 = self.t_block(t)  # (B, 6C)
         y = self.y_embedder(y)  # (B, L, C)
+        tpe = temporal_table(x.shape[-1], x.shape[1], scale=self.config.time_scale, device=x.device)
+        tpe = tpe.to(x.dtype)  # (T, C): computed whole here, before any split
         for block in self.blocks:
-            x = block(x, y, t0, mask)  # (B, T, S, C)
+            x = block(x, y, t0, mask, tpe=tpe if block.temporal_pos else None)  # (B, T, S, C)
         x = self.final_layer(x, t)  # (B, T, S, pt*ph*pw*C_out)
         return unpatchify(x, self.config.patch_size, h, w)  # (B, C_out, T, H, W)

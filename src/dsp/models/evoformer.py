@@ -25,6 +25,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from dsp.parallelize.plan import Stream
+
 
 @dataclass(frozen=True)
 class EvoformerConfig:
@@ -245,6 +247,11 @@ class EvoformerBlock(nn.Module):
 
 class Evoformer(nn.Module):
     """A stack of Evoformer blocks: ``(msa (B, M, R, Cm), pair (B, R, R, Cz)) -> (msa, pair)``."""
+
+    dsp_streams = (
+        Stream("msa", ("B", "M", "R", "Cm"), "blocks.0", "msa_norm", "M", arg=0),
+        Stream("pair", ("B", "I", "J", "Cz"), "blocks.0", "pair_norm", "I", arg=1),
+    )
 
     def __init__(self, config: EvoformerConfig):
         super().__init__()

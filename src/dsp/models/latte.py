@@ -25,7 +25,6 @@ from dsp.models.layers import (
     Attention,
     CrossAttention,
     Mlp,
-    TemporalPosEmbed,
     adaln_params,
     modulate,
 )
@@ -47,11 +46,13 @@ class LatteConfig(VideoDiTConfig):
 class LatteBlock(nn.Module):
     """A spatial (``attn_dim="S"``) or temporal (``"T"``) Latte block on ``(B, T, S, C)``.
 
-    ``forward(x, y, t0, mask)`` as :class:`~dsp.models.stdit.STDiTBlock`; a
+    ``forward(x, y, t0, mask, tpe)`` as :class:`~dsp.models.stdit.STDiTBlock`; a
     block without ``cross_attn`` ignores ``y`` and ``mask``. With
-    ``temporal_pos`` the block first adds the temporal position embedding to
-    its input (``self.pos_embed``), so the whole block needs the full T.
+    ``temporal_pos`` the block first adds the temporal position table ``tpe``
+    ``(T, C)`` to its input (the residual stream, as Latte does).
     """
+
+    dsp_declare = {"inputs": {0: "B T S C", "tpe": "T C"}}
 
     def __init__(
         self,
@@ -62,13 +63,12 @@ class LatteBlock(nn.Module):
         mlp_ratio: float = 4.0,
         cross_attn: bool = True,
         temporal_pos: bool = False,
-        time_scale: float = 1.0,
     ):
         super().__init__()
         if temporal_pos and attn_dim != "T":
             raise ValueError("the temporal position embedding belongs in a temporal block")
         self.attn_dim = attn_dim
-        self.pos_embed = TemporalPosEmbed(time_scale) if temporal_pos else None
+        self.temporal_pos = temporal_pos
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads, attn_dim=attn_dim)
         self.cross_attn = CrossAttention(dim, num_heads) if cross_attn else None
@@ -76,9 +76,16 @@ class LatteBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
 
-    def forward(self, x: Tensor, y: Tensor, t0: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        if self.pos_embed is not None:
-            x = self.pos_embed(x)  # Latte adds it to the residual stream
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor,
+        t0: Tensor,
+        mask: Optional[Tensor] = None,
+        tpe: Optional[Tensor] = None,
+    ) -> Tensor:
+        if tpe is not None:
+            x = x + tpe.to(x.dtype)[None, :, None, :]  # Latte adds it to the residual stream
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln_params(
             self.scale_shift_table, t0
         )  # each (B, 1, 1, C)
@@ -104,7 +111,6 @@ class Latte(VideoDiT):
                 mlp_ratio=c.mlp_ratio,
                 cross_attn=(i % 2 == 0),
                 temporal_pos=(i == 1),
-                time_scale=c.time_scale,
             )
             for i in range(c.depth)
         )

@@ -5,9 +5,11 @@ applied from outside (hooks, module swaps, ``module.core = ...``):
 
 * activations are ``(B, T, S, C)``: T frames, S = h*w patches per frame;
 * T and S are read from ``x.shape`` at run time, never from a config;
-* the only position-dependent modules are :class:`Attention` (over
-  ``attn_dim``) and :class:`TemporalPosEmbed` (over T); both expose the dim they
-  need whole as ``compute_dim``. Everything else is token-wise.
+* the only position-dependent module is :class:`Attention` (over ``attn_dim``,
+  exposed as ``compute_dim``); frame positions are a ``(T, C)`` table the
+  parent computes (:func:`temporal_table`) and passes in. Everything else is
+  token-wise. ``dsp_declare`` states the layouts of the inputs and of the
+  attention's q, k, v for :mod:`dsp.parallelize` (data, no parallel code).
 """
 
 from __future__ import annotations
@@ -82,25 +84,13 @@ def sincos_2d(dim: int, h: int, w: int, *, scale: float = 1.0, device=None) -> T
     return emb.reshape(h * w, dim)
 
 
-class TemporalPosEmbed(nn.Module):
-    """Adds a sin-cos embedding of the frame index to ``(B, T, S, C)``.
+def temporal_table(dim: int, frames: int, *, scale: float = 1.0, device=None) -> Tensor:
+    """Sin-cos embedding ``(T, dim)`` of frames ``0..T-1`` (divided by ``scale``).
 
-    Position-dependent over T: its input must hold all T frames (any slice of S
-    is fine). Frames are numbered ``0..T-1`` with ``T = x.shape[1]``.
+    The parent's forward computes it from the full T and passes it to the block that adds it
+    (a *companion* of the activation: a parallel plan slices it with the frames it holds).
     """
-
-    compute_dim = "T"
-
-    def __init__(self, scale: float = 1.0):
-        super().__init__()
-        self.scale = scale
-
-    def forward(self, x: Tensor) -> Tensor:
-        pos = torch.arange(x.shape[1], device=x.device) / self.scale  # (T,)
-        return x + sincos_1d(x.shape[-1], pos).to(x.dtype)[None, :, None, :]  # (B, T, S, C)
-
-    def extra_repr(self) -> str:
-        return f"scale={self.scale}"
+    return sincos_1d(dim, torch.arange(frames, device=device) / scale)
 
 
 class Attention(nn.Module):
@@ -110,8 +100,9 @@ class Attention(nn.Module):
     frames of each patch; the other dims act as batch. ``self.core`` (default
     :func:`sdpa_core`) is a plain attribute a strategy may replace. The head
     count is read from the ``qkv`` output, so a narrower ``qkv``/``proj`` pair
-    (fewer heads) works unchanged. ``pos_embed`` (optional module) is applied
-    to the input before ``qkv``, so position dependence stays inside here.
+    (fewer heads) works unchanged. ``forward(x, pos=None)``: a ``(T, C)``
+    position table added to the input along T before ``qkv`` (Open-Sora adds
+    the temporal embedding there).
     """
 
     def __init__(
@@ -121,7 +112,6 @@ class Attention(nn.Module):
         *,
         attn_dim: str,
         qkv_bias: bool = True,
-        pos_embed: Optional[nn.Module] = None,
     ):
         super().__init__()
         if attn_dim not in SEQ_DIMS:
@@ -131,7 +121,6 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.pos_embed = pos_embed
         self.core = sdpa_core
 
     @property
@@ -139,10 +128,19 @@ class Attention(nn.Module):
         """The sequence dim this module needs whole (same as ``attn_dim``)."""
         return self.attn_dim
 
-    def forward(self, x: Tensor) -> Tensor:
+    @property
+    def dsp_declare(self) -> dict:
+        """Layouts for :mod:`dsp.parallelize`: the input, the position table, q/k/v."""
+        other = "T" if self.attn_dim == "S" else "S"
+        return {
+            "inputs": {0: "B T S C", "pos": "T C"},
+            "sdpa": f"(B {other}) H {self.attn_dim} D",
+        }
+
+    def forward(self, x: Tensor, pos: Optional[Tensor] = None) -> Tensor:
         b, t, s, c = x.shape
-        if self.pos_embed is not None:
-            x = self.pos_embed(x)
+        if pos is not None:
+            x = x + pos.to(x.dtype)[None, :, None, :]  # (T, C) along T
         if self.attn_dim == "S":
             x = x.reshape(b * t, s, c)  # (B*T, S, C)
         else:

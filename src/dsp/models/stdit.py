@@ -22,7 +22,6 @@ from dsp.models.layers import (
     Attention,
     CrossAttention,
     Mlp,
-    TemporalPosEmbed,
     adaln_params,
     modulate,
 )
@@ -36,8 +35,9 @@ class STDiTConfig(VideoDiTConfig):
 class STDiTBlock(nn.Module):
     """One STDiT layer on ``(B, T, S, C)``.
 
-    ``forward(x, y, t0, mask)``: x ``(B, T, S, C)``, text ``y`` ``(B, L, C)``,
-    timestep projection ``t0`` ``(B, 6C)``, text mask ``(B, L)`` bool or None.
+    ``forward(x, y, t0, mask, tpe)``: x ``(B, T, S, C)``, text ``y`` ``(B, L, C)``,
+    timestep projection ``t0`` ``(B, 6C)``, text mask ``(B, L)`` bool or None,
+    temporal position table ``tpe`` ``(T, C)`` (the first block only, as Open-Sora).
     """
 
     def __init__(
@@ -47,28 +47,33 @@ class STDiTBlock(nn.Module):
         *,
         mlp_ratio: float = 4.0,
         temporal_pos: bool = False,
-        time_scale: float = 1.0,
     ):
         super().__init__()
+        self.temporal_pos = temporal_pos
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads, attn_dim="S")
-        # Open-Sora adds the temporal position embedding to the input of the
-        # first block's temporal attention only (not to the residual stream).
-        pos = TemporalPosEmbed(time_scale) if temporal_pos else None
-        self.attn_temp = Attention(dim, num_heads, attn_dim="T", pos_embed=pos)
+        self.attn_temp = Attention(dim, num_heads, attn_dim="T")
         self.cross_attn = CrossAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
 
-    def forward(self, x: Tensor, y: Tensor, t0: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor,
+        t0: Tensor,
+        mask: Optional[Tensor] = None,
+        tpe: Optional[Tensor] = None,
+    ) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln_params(
             self.scale_shift_table, t0
         )  # each (B, 1, 1, C)
         # spatial attention (over S)
         x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        # temporal attention (over T); Open-Sora 1.0 applies no norm here and reuses gate_msa
-        x = x + gate_msa * self.attn_temp(x)
+        # temporal attention (over T); Open-Sora 1.0 applies no norm here and reuses gate_msa;
+        # it adds the temporal position embedding to this input only (not to the residual)
+        x = x + gate_msa * self.attn_temp(x, pos=tpe)
         # cross-attention to the text, then the MLP (both token-wise)
         x = x + self.cross_attn(x, y, mask)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -92,7 +97,6 @@ class STDiT(VideoDiT):
                 c.num_heads,
                 mlp_ratio=c.mlp_ratio,
                 temporal_pos=(i == 0),
-                time_scale=c.time_scale,
             )
             for i in range(c.depth)
         )

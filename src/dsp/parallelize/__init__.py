@@ -17,13 +17,16 @@ import types
 
 from dsp.parallelize.apply import Parallelized, parallelize
 from dsp.parallelize.check import check_plan, validate
+from dsp.parallelize.compile import Act, Hook, compile_plan
 from dsp.parallelize.cost import PlanCost, simulate
-from dsp.parallelize.plan import Plan, PlanError, Stage, Stream
+from dsp.parallelize.plan import ParamStyle, Plan, PlanError, Stage, Stream
 from dsp.parallelize.planner import Recording, plan_model, record
-from dsp.parallelize.plans import default_streams, hand_plan
 from dsp.parallelize.trace import Trace, declare_trace, trace_model
 
 __all__ = [
+    "Act",
+    "Hook",
+    "ParamStyle",
     "Parallelized",
     "Plan",
     "PlanCost",
@@ -33,9 +36,8 @@ __all__ = [
     "Stream",
     "Trace",
     "check_plan",
+    "compile_plan",
     "declare_trace",
-    "default_streams",
-    "hand_plan",
     "parallelize",
     "plan_model",
     "record",

@@ -1,190 +1,163 @@
-"""Apply a plan to a model from outside: module hooks, nothing in the model's code.
+"""Apply a plan to a model from outside: the compiled acts run in module hooks.
 
-Hooks, registered in this order so that they compose on a shared module:
+The plan compiles once (:func:`~dsp.parallelize.compile.compile_plan`) into fixed acts per
+hook; the hooks keep no layout state, so a module re-run by activation checkpointing does
+exactly what it did in the forward. The only state is the dims' full sizes, learned from
+the tensors of each forward (reset at the model's own pre-hook).
 
-1. entry (pre-hook): split the stream's input on its entry dim, ``grad_mode="shard"`` (its
-   backward keeps this rank's part, no communication: the gradient average completes it);
-2. relayout (pre-hook on a block): switch the block's input to the new resting layout;
-3. compute stage (pre- and forward hook): switch the first input to the stage's dim and the
-   output back (or into the output stream's layout);
-4. gather_output (forward hook): all-gather the output along the current layout
-   (:func:`dsp.comm.seqpar.all_gather_seq`: its backward reduce-scatters, summing the partial
-   gradients each rank's use of the whole operand produced);
-5. exit (forward hook): gather the output, ``grad_scale="up"``.
-
-With the same loss on every rank, :meth:`Parallelized.sync_grads` (mean all-reduce of every
-parameter gradient) then gives the single-process gradients (docs/primitives.md).
+Gradient convention (docs/primitives.md): the entry split and every companion split keep
+this rank's gradient (no communication), the exit gather scales its gradient by N; with the
+same loss on every rank, :meth:`Parallelized.sync_grads` (a mean all-reduce of every
+replicated gradient) gives the single-process gradients.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from dsp.comm import collectives as C
-from dsp.comm.primitives import gather, split, switch
-from dsp.comm.seqpar import all_gather_seq
-from dsp.comm.shards import shard_sizes
 from dsp.mesh import group_info
+from dsp.parallelize.args import MISSING, Args
 from dsp.parallelize.check import check_plan
-from dsp.parallelize.declared import read_declarations
-from dsp.parallelize.plan import Plan, PlanError, Stage, Stream
+from dsp.parallelize.compile import Act, Hook, compile_plan
+from dsp.parallelize.declared import Declarations, read_declarations
+from dsp.parallelize.plan import Plan, PlanError
+from dsp.parallelize.runtime import Runtime
+from dsp.parallelize.tensor_parallel import apply_param_styles
 
 __all__ = ["Parallelized", "parallelize"]
 
 
 class Parallelized:
-    """The handle :func:`parallelize` returns: the plan, the hooks and the group."""
+    """The handle :func:`parallelize` returns: the plan, its compiled hooks and the group."""
 
-    def __init__(self, model: nn.Module, plan: Plan, group: Optional[dist.ProcessGroup]):
-        self.model, self.plan, self.group = model, plan, group
-        self.info = group_info(group)
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: Plan,
+        group: Optional[dist.ProcessGroup],
+        decl: Declarations,
+    ):
+        self.model, self.plan, self.group, self.decl = model, plan, group, decl
+        self.runtime = Runtime(group)
+        self.info = self.runtime.info
+        self.hooks: List[Hook] = compile_plan(plan, decl)
         self.handles: List[Any] = []
-        self.layout: Dict[str, Optional[str]] = {s.name: None for s in plan.streams}
-        self.sizes: Dict[str, Dict[str, int]] = {}
-        self._stack: List[Tuple[Optional[Stage], Optional[str]]] = []
+        self.tp_params: Dict[str, tuple] = {}
 
-    # ------------------------------------------------------------------ helpers
-    def _switch(self, x: torch.Tensor, stream: Stream, src: str, dst: str) -> torch.Tensor:
-        if src == dst:
-            return x
-        size = self.sizes[stream.name][src]
-        return switch(x, stream.index(src), stream.index(dst), self.group, src_size=size)
-
-    # ------------------------------------------------------------------ hooks
-    def _entry(self, s: Stream):
-        def hook(_mod, args):
-            x = args[s.arg]
-            if x.dim() != len(s.dims):
-                raise PlanError(
-                    f"stream {s.name!r} names {len(s.dims)} dims {s.dims}, but the input of "
-                    f"{s.entry!r} has shape {tuple(x.shape)}"
-                )
-            self.sizes[s.name] = dict(zip(s.dims, x.shape))
-            length, n = self.sizes[s.name][s.shard], self.info.size
-            if length < n:
-                raise PlanError(
-                    f"stream {s.name!r}: dim {s.shard!r} of length {length} < {n} ranks"
-                )
-            self.layout[s.name] = s.shard
-            x = split(x, s.index(s.shard), self.group, grad_mode="shard")  # full -> shard
-            return args[: s.arg] + (x,) + args[s.arg + 1 :]
-
-        return hook
-
-    def _relayout(self, st: Stage, s: Stream):
-        def hook(_mod, args):
-            cur = self.layout[s.name]
-            if cur is None:
-                return None
-            x = self._switch(args[s.arg], s, cur, st.shard)  # resting layout changes here
-            self.layout[s.name] = st.shard
-            return args[: s.arg] + (x,) + args[s.arg + 1 :]
-
-        return hook
-
-    def _stage(self, st: Stage, s: Stream):
-        out_s = self.plan.stream(st.out_stream) if st.out_stream else None
-
-        def pre(_mod, args):
-            cur = self.layout[s.name]
-            self._stack.append((st if cur is not None else None, cur))
-            if cur is None:
-                return None  # outside the sharded region: nothing to do
-            self.layout[s.name] = st.shard
-            return (self._switch(args[0], s, cur, st.shard), *args[1:])
-
-        def post(_mod, _args, out):
-            stage, prev = self._stack.pop()
-            if stage is None:
-                return None
-            self.layout[s.name] = prev
-            if out_s is None:
-                return self._switch(out, s, st.shard, prev)
-            target = self.layout[out_s.name]
-            if target is None:
-                raise PlanError(f"{st.module!r} writes stream {out_s.name!r} outside its region")
-            return self._switch(out, out_s, st.out_shard, target)
-
-        return pre, post
-
-    def _gather_output(self, st: Stage, s: Stream):
-        def hook(_mod, _args, out):
-            cur = self.layout[s.name]
-            if cur is None:
-                return None
-            if st.shard is not None and st.shard != cur:
-                raise PlanError(
-                    f"{st.module!r}: the plan gathers on {st.shard!r}, stream is on {cur!r}"
-                )
-            sizes = shard_sizes(self.sizes[s.name][cur], self.info.size)
-            return all_gather_seq(out, s.index(cur), sizes, self.info)  # shard -> whole
-
-        return hook
-
-    def _exit(self, s: Stream):
-        def hook(_mod, _args, out):
-            cur = self.layout[s.name]
-            if cur is None:
-                return None
-            x = out if s.out is None else out[s.out]
-            size = self.sizes[s.name][cur]
-            x = gather(x, s.index(cur), self.group, size=size, grad_scale="up")  # shard -> full
-            self.layout[s.name] = None
-            if s.out is None:
-                return x
-            return type(out)(x if i == s.out else v for i, v in enumerate(out))
-
-        return hook
+    @property
+    def sizes(self) -> Dict[str, int]:
+        """The dims' full sizes learned in the last forward."""
+        return self.runtime.sizes
 
     def install(self) -> None:
         mods = dict(self.model.named_modules())
-        plan, h = self.plan, self.handles
-        for s in plan.streams:
-            h.append(mods[s.entry].register_forward_pre_hook(self._entry(s)))
-        for st in plan.stages:
-            if st.kind == "relayout":
-                h.append(
-                    mods[st.module].register_forward_pre_hook(
-                        self._relayout(st, plan.stream(st.stream))
-                    )
+        if self.plan.params:
+            self.tp_params = apply_param_styles(self.model, self.plan.params, self.info)
+            mods = dict(self.model.named_modules())
+        rt = self.runtime
+        self.handles.append(self.model.register_forward_pre_hook(rt.reset, prepend=True))
+        for hook in self.hooks:
+            mod = mods[hook.module]
+            args = Args(mod)
+            if hook.side == "pre":
+                self.handles.append(
+                    mod.register_forward_pre_hook(_pre(hook, args, rt, mod), with_kwargs=True)
                 )
-        for st in plan.stages:
-            if st.kind == "compute":
-                pre, post = self._stage(st, plan.stream(st.stream))
-                h.append(mods[st.module].register_forward_pre_hook(pre))
-                h.append(mods[st.module].register_forward_hook(post))
-        for st in plan.stages:
-            if st.kind == "gather_output":
-                h.append(
-                    mods[st.module].register_forward_hook(
-                        self._gather_output(st, plan.stream(st.stream))
-                    )
+            else:
+                self.handles.append(
+                    mod.register_forward_hook(_post(hook, rt, mod, mods), always_call=True)
                 )
-        for s in plan.streams:
-            h.append(mods[s.exit].register_forward_hook(self._exit(s)))
-        # every forward starts clean, even after one that raised half-way
-        h.append(self.model.register_forward_pre_hook(self._reset, prepend=True))
-
-    def _reset(self, _mod, _args) -> None:
-        self._stack.clear()
-        for name in self.layout:
-            self.layout[name] = None
 
     # ------------------------------------------------------------------ public
+    def is_tensor_parallel(self, name: str) -> bool:
+        """Whether parameter ``name`` is sliced across the group (a ``tp`` stage's weight)."""
+        return name in self.tp_params
+
     def sync_grads(self, model: Optional[nn.Module] = None) -> None:
-        """Average every parameter gradient over the group (in place)."""
-        grads = [p.grad for p in (model or self.model).parameters() if p.grad is not None]
-        C.all_reduce_coalesced(grads, self.group, average=True, tag="grad_sync")
+        """Average every replicated gradient over the group (tensor-parallel ones: / N)."""
+        if self.info.size == 1:
+            return
+        replicated = []
+        for name, p in (model or self.model).named_parameters():
+            if p.grad is None:
+                continue
+            if name in self.tp_params:
+                p.grad.div_(self.info.size)
+            else:
+                replicated.append(p.grad)
+        C.all_reduce_coalesced(replicated, self.group, average=True, tag="grad_sync")
+
+    def full_grads(self, model: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
+        """Every parameter's full gradient after :meth:`sync_grads` (tp slices gathered)."""
+        from dsp.parallelize.tensor_parallel import full_grads
+
+        return full_grads(model or self.model, self.tp_params, self.info)
 
     def remove(self) -> None:
-        """Remove every hook: the model is single-device again."""
+        """Remove every hook (sliced weights stay sliced: apply a tp plan to a fresh model)."""
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self.runtime.reset(None, None)
+
+
+def _pre(hook: Hook, sig: Args, rt: Runtime, mod: nn.Module):
+    def run(_mod, args, kwargs):
+        for act in hook.acts:
+            if act.op == "attend":
+                rt.push_attend(act)
+                continue
+            if act.op == "buffers":
+                rt.slice_buffer(mod, act)
+                continue
+            x = sig.get(args, kwargs, act.key)
+            if x is MISSING or x is None:
+                continue
+            if not torch.is_tensor(x):
+                raise PlanError(
+                    f"{hook.module!r}: input {act.key!r} ({act.layout}) is a "
+                    f"{type(x).__name__}, not a tensor"
+                )
+            args, kwargs = sig.set(
+                args, kwargs, act.key, rt.run(act, x, f"{hook.module!r} input {act.key!r}")
+            )
+        return args, kwargs
+
+    return run
+
+
+def _post(hook: Hook, rt: Runtime, mod: nn.Module, mods):
+    def run(_mod, _args, out):
+        for act in hook.acts:
+            if act.op == "attend":
+                rt.pop_attend(act)
+            elif act.op == "buffers":
+                rt.restore_buffer(mod, act)
+        if out is None:
+            return None
+        for act in hook.acts:
+            if act.op in ("attend", "buffers"):
+                continue
+            what = f"{hook.module!r} output" + ("" if act.key is None else f" {act.key}")
+            if act.key is None:
+                out = rt.run(act, out, what, bias=_bias(act, mods))
+            else:
+                y = rt.run(act, out[act.key], what, bias=_bias(act, mods))
+                out = type(out)(y if i == act.key else v for i, v in enumerate(out))
+        return out
+
+    return run
+
+
+def _bias(act: Act, mods) -> Optional[torch.Tensor]:
+    if act.bias is None:
+        return None
+    return getattr(mods[act.bias], "bias", None)
 
 
 def parallelize(
@@ -193,19 +166,29 @@ def parallelize(
     group: Optional[dist.ProcessGroup] = None,
     *,
     example_inputs: Any = None,
+    declare: Optional[dict] = None,
 ) -> Parallelized:
     """Apply ``plan`` to ``model`` on ``group`` with hooks; return the handle.
 
-    The plan is checked against the model first (modules, dims, compute sets, operands);
-    with ``example_inputs`` (tiny or meta tensors, or declared sizes) it is also dry-run for
-    this group's size. Errors raise here, on every rank, before any collective.
+    The plan is checked against the model first (modules, arguments, dims, layouts); with
+    ``example_inputs`` (tiny or meta tensors, or declared sizes) it is also dry-run for this
+    group's size. Errors raise here, on every rank, before any collective. ``declare``: the
+    model's declarations as data (docs/parallelize.md), as given to the planner.
     """
-    decl = read_declarations(model, plan.streams)
-    check_plan(plan, model, decl)
-    handle = Parallelized(model, plan, group)
-    if example_inputs is not None:
-        from dsp.parallelize.planner import record
+    from dsp.parallelize.cost import resolve_rests
+    from dsp.parallelize.planner import record
+    from dsp.parallelize.trace import declare_trace
 
-        record(model, example_inputs, streams=plan.streams).cost(plan, handle.info.size)
+    decl = read_declarations(model, plan.streams, declare=declare)
+    check_plan(plan, model, decl)
+    info = group_info(group)
+    if example_inputs is not None:
+        rec = record(model, example_inputs, streams=plan.streams, declare=declare)
+        rec.cost(plan, info.size)
+        plan = resolve_rests(plan, rec.trace)
+    else:  # stages without rest, after relayouts: registration order tells where they run
+        ones = {d: 1 for s in plan.streams for d in s.dims}
+        plan = resolve_rests(plan, declare_trace(model, plan.streams, ones))
+    handle = Parallelized(model, plan, group, decl)
     handle.install()
     return handle

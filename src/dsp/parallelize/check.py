@@ -58,8 +58,11 @@ def check_plan(plan: Plan, model: nn.Module, decl: Optional[Declarations] = None
         if key in seen:
             raise PlanError(f"{what} appears twice in the plan")
         seen.add(key)
-        _has(stream, st.compute + ((st.shard,) if st.shard else ()), what)
-        if st.shard is not None and st.shard not in stream.seq:
+        moves = st.kind in ("compute", "relayout", "gather_output", "ring")
+        _has(stream, st.compute + ((st.shard,) if st.shard and moves else ()), what)
+        if st.rest is not None and st.rest not in stream.seq:
+            raise PlanError(f"{what}: rest {st.rest!r} is not a sequence dim of {stream.seq}")
+        if moves and st.shard is not None and st.shard not in stream.seq:
             raise PlanError(f"{what}: {st.shard!r} is not a sequence dim of {stream.seq}")
         if st.kind == "relayout" and st.module not in decl.boundaries.get(st.stream, ()):
             raise PlanError(
@@ -70,6 +73,32 @@ def check_plan(plan: Plan, model: nn.Module, decl: Optional[Declarations] = None
             raise PlanError(f"{what}: a relayout needs the dim to shard")
         if st.kind == "compute":
             _check_compute(st, stream, plan, decl, what, names)
+        if st.kind in ("heads", "ring", "usp") and st.module not in decl.sdpa:
+            raise PlanError(
+                f"{what}: a {st.kind} stage needs the module's 'sdpa' declaration (the layout "
+                "of q, k, v in its scaled_dot_product_attention calls, e.g. '(B S) H T D')"
+            )
+        if st.kind == "usp" and (not st.degree or st.degree < 1):
+            raise PlanError(f"{what}: a usp stage needs degree >= 1, got {st.degree!r}")
+    for p in plan.params:
+        if p.module not in names:
+            raise _missing(p.module, "param style", model, names)
+    _check_arguments(decl, names)
+
+
+def _check_arguments(decl: Declarations, names) -> None:
+    """Every declared input must be an argument the module's forward takes."""
+    from dsp.parallelize.args import Args
+
+    for module, inputs in decl.inputs.items():
+        sig = Args(names[module])
+        for key in inputs:
+            if not sig.valid(key):
+                raise PlanError(
+                    f"module {module or '<root>'!r} ({type(names[module]).__name__}) declares "
+                    f"input {key!r}, but its forward takes {sig.positional}"
+                    + (" and **kwargs" if sig.varkw else "")
+                )
 
 
 def validate(
@@ -81,6 +110,7 @@ def validate(
     even_only: bool = False,
     compute: Optional[Mapping[str, Any]] = None,
     operands: Optional[Mapping[str, Any]] = None,
+    declare: Optional[Mapping[str, Any]] = None,
 ):
     """Dry run: check ``plan`` against ``model`` and ``world_size`` without any process group.
 
@@ -94,11 +124,13 @@ def validate(
     """
     from dsp.parallelize.planner import record
 
-    decl = read_declarations(model, plan.streams, compute, operands)
+    decl = read_declarations(model, plan.streams, compute, operands, declare)
     check_plan(plan, model, decl)
     if inputs is None:
         return None
-    rec = record(model, inputs, streams=plan.streams, compute=compute, operands=operands)
+    rec = record(
+        model, inputs, streams=plan.streams, compute=compute, operands=operands, declare=declare
+    )
     return rec.cost(plan, world_size, even_only=even_only)
 
 

@@ -1,11 +1,13 @@
-"""Walk a plan over a trace exactly as the hooks will: check it and count its bytes.
+"""The dry run: walk a trace through a plan's compiled hooks; check it and count its bytes.
 
-:func:`simulate` is the dry run: no process group, no collective. It follows each stream's
-layout through the recorded calls (split at the entry, relayouts, switches around stages,
-gathers of operands, the gather at the exit), raises :class:`PlanError` where the plan would
-compute wrongly (a module that needs a dim whole runs while that dim is sharded, an operand
-used whole is not gathered, an illegal shard for the world size), and returns the bytes of
-every collective, summed over ranks, forward and backward.
+:func:`simulate` runs no collective and needs no process group. It takes the hooks
+:func:`~dsp.parallelize.compile.compile_plan` produced (the very acts the model will run),
+costs every act at every recorded call with :func:`~dsp.parallelize.compile.act_bytes`,
+binds every declared layout to the recorded shapes (a fold that does not divide, a
+companion whose rows do not match its stream), and follows each stream's resting dim to
+raise :class:`PlanError` where the plan would compute wrongly: a module that needs a dim
+whole runs while it is sharded, an operand used whole is not gathered, a shard is illegal
+for the world size, a stage's ``rest`` is not where the stream rests.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from dsp.layout import LayoutError
+from dsp.parallelize.compile import Act, Hook, act_bytes, compile_plan
 from dsp.parallelize.declared import Declarations
-from dsp.parallelize.events import as_stream, events, gather_bytes, legal, switch_bytes
-from dsp.parallelize.plan import Plan, PlanError, Stage
-from dsp.parallelize.trace import Trace
+from dsp.parallelize.plan import RUNS, Plan, PlanError, Stage
+from dsp.parallelize.trace import Call, TensorInfo, Trace
 
-__all__ = ["PlanCost", "simulate"]
+__all__ = ["PlanCost", "hook_bytes", "imbalance", "legal", "resolve_rests", "simulate"]
 
 
 @dataclass
@@ -49,19 +52,157 @@ class PlanCost:
         return self.total_forward + self.total_backward
 
 
-def _check_shard(plan_dim: Optional[str], stream, trace: Trace, n: int, even_only: bool, what):
-    if plan_dim is None or plan_dim not in stream.seq:
+def legal(length: int, n: int, even_only: bool = False) -> bool:
+    """May a dim of ``length`` be sharded over ``n`` ranks? (No empty shards; even if asked.)"""
+    return length >= n and (not even_only or length % n == 0)
+
+
+def imbalance(length: int, n: int):
+    """Extra work of the largest shard over an even share, relative to the whole dim."""
+    from fractions import Fraction
+
+    from dsp.comm.shards import shard_sizes
+
+    return Fraction(max(shard_sizes(length, n)) * n - length, max(length, 1))
+
+
+def _tensor(act: Act, side: str, call: Call, trace: Trace, sizes: Dict[str, int]):
+    """The recorded full tensor an act sees at ``call`` (or the declared full shape)."""
+    info = call.input(act.key) if side == "pre" else call.output(act.key)
+    if info is None and trace.declared:
+        try:
+            return TensorInfo(act.layout.full_shape(sizes), trace.grad, trace.itemsize)
+        except KeyError:
+            return None
+    return info
+
+
+def hook_bytes(
+    hook: Hook, call: Call, trace: Trace, n: int, sizes: Optional[Dict[str, int]] = None
+) -> Tuple[int, int]:
+    """``(forward, backward)`` bytes of ``hook``'s acts at ``call``; binds their layouts."""
+    sizes = dict(trace.sizes) if sizes is None else sizes
+    fwd = bwd = 0
+    for act in hook.acts:
+        if act.op == "buffers":
+            continue
+        if act.op == "attend":
+            attends = trace.inside(call)
+            if trace.declared:
+                raise PlanError(
+                    f"{act.label}: a {act.kind} stage needs a recorded trace (example inputs), "
+                    "not declared sizes"
+                )
+            if hook.side == "post":
+                continue
+            for a in attends:
+                local = dict(sizes)
+                _bind(act, a.q, local, f"{call.module!r} attention q")
+                f, b = act_bytes(act, a.q, local, n)
+                fwd, bwd = fwd + f, bwd + b
+            continue
+        info = _tensor(act, hook.side, call, trace, sizes)
+        if info is None and act.op == "split":  # a companion not passed at this call
+            continue
+        if info is None:
+            where = "input" if hook.side == "pre" else "output"
+            raise PlanError(
+                f"{call.module!r}: {where} {act.key!r} (layout {act.layout}) is not a tensor "
+                "in the recorded call"
+            )
+        local = dict(sizes)  # what an act learns (a companion's D) stays with it
+        where = "input" if hook.side == "pre" else "output"
+        _bind(act, info, local, f"{call.module!r} {where} {act.key!r}")
+        f, b = act_bytes(act, info, local, n)
+        fwd, bwd = fwd + f, bwd + b
+    return fwd, bwd
+
+
+def _bind(act: Act, info: TensorInfo, sizes: Dict[str, int], what: str) -> None:
+    try:
+        act.layout.bind(info.shape, sizes, what=what)
+    except LayoutError as e:
+        raise PlanError(str(e)) from None
+
+
+def _check_shard(dim: Optional[str], stream, trace: Trace, n: int, even_only: bool, what) -> None:
+    if dim is None:
+        return
+    if dim not in stream.seq:
         raise PlanError(
-            f"{what}: shard {plan_dim!r} is not a sequence dim of stream {stream.name!r} "
-            f"{stream.seq}"
+            f"{what}: shard {dim!r} is not a sequence dim of stream {stream.name!r} {stream.seq}"
         )
-    length = trace.size(plan_dim)
+    length = trace.size(dim)
     if not legal(length, n, even_only):
         why = "is not divisible by" if length >= n else "is shorter than"
         raise PlanError(
-            f"{what}: dim {plan_dim!r} of length {length} {why} the world size {n}"
+            f"{what}: dim {dim!r} of length {length} {why} the world size {n}"
             + (" (even_only)" if length >= n else " (some ranks would hold empty shards)")
         )
+
+
+def _live(trace: Trace) -> Dict[str, Tuple[int, int]]:
+    live = {}
+    for s in trace.streams:
+        entry = next((c for c in trace.calls if c.module == s.entry), None)
+        exit_ = next(
+            (c for c in trace.calls if c.module == s.exit and entry and c.start > entry.start),
+            None,
+        )
+        if entry is None or exit_ is None:
+            missing = s.entry if entry is None else s.exit
+            raise PlanError(f"stream {s.name!r}: module {missing!r} never ran (after its entry)")
+        end = exit_.start if s.exit_arg is not None else exit_.end
+        live[s.name] = (entry.start, end)
+    return live
+
+
+def resolve_rests(plan: Plan, trace: Trace) -> Plan:
+    """``plan`` with every missing ``rest`` / ``out_rest`` filled from the order of ``trace``
+    (where each stream rests when the stage's module first runs in its region)."""
+    import dataclasses
+
+    if all(
+        (st.rest is not None or st.kind not in RUNS + ("relayout",))
+        and (st.out_rest is not None or st.out_stream is None)
+        and (st.shard is not None or st.kind != "gather_output")
+        for st in plan.stages
+    ):
+        return plan
+    live = _live(trace)
+    rest: Dict[str, Optional[str]] = {s.name: None for s in plan.streams}
+    found: Dict[int, Stage] = {}
+    for call in sorted(trace.calls, key=lambda c: c.start):
+        for s in plan.streams:
+            if call.module == s.entry and call.start == live[s.name][0]:
+                rest[s.name] = s.shard
+        for i, st in enumerate(plan.stages):
+            if st.module != call.module or not _inside(call.start, live[st.stream]):
+                continue
+            if st.kind == "relayout":
+                if st.rest is None and i not in found:
+                    found[i] = dataclasses.replace(st, rest=rest[st.stream])
+                rest[st.stream] = st.shard
+            elif st.kind == "gather_output" and st.shard is None and i not in found:
+                found[i] = dataclasses.replace(st, shard=_enclosing(st, plan, rest))
+            elif i not in found:
+                fill = {}
+                if st.rest is None and st.kind in RUNS:
+                    fill["rest"] = rest[st.stream]
+                if st.out_stream and st.out_rest is None:
+                    fill["out_rest"] = rest[st.out_stream]
+                found[i] = dataclasses.replace(st, **fill) if fill else st
+    stages = tuple(found.get(i, st) for i, st in enumerate(plan.stages))
+    return Plan(plan.streams, stages, plan.params)
+
+
+def _enclosing(st: Stage, plan: Plan, rest) -> Optional[str]:
+    """Where an operand's stream is sharded: the enclosing compute stage's dim, or its rest."""
+    for outer in plan.stages:
+        inside = st.module.startswith(outer.module + ".") or not outer.module
+        if inside and outer.kind == "compute" and outer.stream == st.stream:
+            return outer.shard
+    return rest[st.stream]
 
 
 def simulate(
@@ -74,84 +215,64 @@ def simulate(
         raise PlanError(
             f"the trace has streams {[s.name for s in trace.streams]}, the plan {list(streams)}"
         )
-    compute: Dict[str, Tuple[int, Stage]] = {}
-    relayout: Dict[Tuple[str, str], Tuple[int, Stage]] = {}
-    gathers: Dict[str, Tuple[int, Stage]] = {}
+    for s in plan.streams:
+        _check_shard(s.shard, s, trace, n, even_only, f"stream {s.name!r}")
+    plan = resolve_rests(plan, trace)
+    hooks = compile_plan(plan, decl)
+    by_module: Dict[str, List[Hook]] = {}
+    for h in hooks:
+        by_module.setdefault(h.module, []).append(h)
+    stages: Dict[str, List[Tuple[int, Stage]]] = {}
     for i, st in enumerate(plan.stages):
-        table = {"compute": compute, "gather_output": gathers}.get(st.kind)
-        if table is None:
-            relayout[(st.module, st.stream)] = (i, st)
-        else:
-            table[st.module] = (i, st)
-    bounds: Dict[str, List[str]] = {}
-    for name, mods in decl.boundaries.items():
-        for b in mods:
-            bounds.setdefault(b, []).append(name)
-    stage_map = {m: (st.stream, st.out_stream) for m, (_, st) in compute.items()}
+        stages.setdefault(st.module, []).append((i, st))
+        stream = streams[st.stream]
+        what = f"stage {i} ({st.kind} {st.module})"
+        if st.kind in ("compute", "relayout"):
+            _check_shard(st.shard, stream, trace, n, even_only, what)
+        if st.out_stream:
+            _check_shard(st.out_shard, streams[st.out_stream], trace, n, even_only, what)
+    live = _live(trace)
+    sizes = dict(trace.sizes)
     cost = PlanCost(n)
-    layout: Dict[str, Optional[str]] = {}
-    stack: List[Tuple[Stage, str]] = []
+    rest: Dict[str, Optional[str]] = {s: None for s in streams}
+    active: List[Tuple[Call, Stage]] = []  # open stage calls (what each module runs on)
     ran = set()
-    gather_map = {m: st.stream for m, (_, st) in gathers.items()}
-    for ev in events(trace, decl, stage_map, bounds, gather_map):
-        stream = streams[ev.stream]
-        if ev.kind == "entry":
-            _check_shard(stream.shard, stream, trace, n, even_only, f"stream {stream.name!r}")
-            layout[ev.stream] = stream.shard
-            info = as_stream(ev, stream)
-            cost.add(f"split {ev.stream}", 0, 0)  # grad_mode="shard": no backward bytes
-        elif ev.kind == "exit":
-            cost.add(f"gather {ev.stream}", gather_bytes(ev.info, n), 0)
-            layout[ev.stream] = None
-        elif ev.kind == "boundary" and (ev.module, ev.stream) in relayout:
-            i, st = relayout[(ev.module, ev.stream)]
-            _check_shard(st.shard, stream, trace, n, even_only, f"stage {i} ({st.module})")
-            b = switch_bytes(as_stream(ev, stream), stream, layout[ev.stream], st.shard, n)
-            cost.add(f"stage {i}", b, b if ev.info.grad else 0)
-            layout[ev.stream] = st.shard
-            ran.add(i)
-        elif ev.kind == "stage":
-            i, st = compute[ev.module]
-            _check_shard(st.shard, stream, trace, n, even_only, f"stage {i} ({st.module})")
-            b = switch_bytes(as_stream(ev, stream), stream, layout[ev.stream], st.shard, n)
-            cost.add(f"stage {i}", b, b if ev.info.grad else 0)
-            stack.append((st, layout[ev.stream]))
-            layout[ev.stream] = st.shard
-            ran.add(i)
-        elif ev.kind == "stage_end":
-            i = compute[ev.module][0]
-            st, prev = stack.pop()
-            layout[ev.stream] = prev
-            if st.out_stream:
-                target = streams[st.out_stream]
-                _check_shard(st.out_shard, target, trace, n, even_only, f"stage {i} output")
-                info = as_stream(ev, target)
-                b = switch_bytes(info, target, st.out_shard, layout[st.out_stream], n)
-            else:
-                b = switch_bytes(as_stream(ev, stream), stream, st.shard, prev, n)
-            cost.add(f"stage {i}", b, b if ev.info.grad else 0)
-        elif ev.kind == "check" and layout[ev.stream] in ev.dims:
-            raise PlanError(
-                f"module {ev.module!r} computes over {ev.dims}, but the plan leaves stream "
-                f"{ev.stream!r} sharded on {layout[ev.stream]!r} when it runs; add a stage for "
-                "it (or for a module containing it) that shards another dim"
-            )
-        elif ev.kind == "operand":
-            if ev.module not in gathers:
-                user = decl.operands[ev.module][0]
-                raise PlanError(
-                    f"{user!r} uses the output of {ev.module!r} whole (full_operands), but the "
-                    "plan has no gather_output stage for it"
-                )
-            i, st = gathers[ev.module]
-            if st.shard is not None and st.shard != layout[ev.stream]:
-                raise PlanError(
-                    f"stage {i} gathers {ev.module!r} along {st.shard!r}, but stream "
-                    f"{ev.stream!r} is sharded on {layout[ev.stream]!r} there"
-                )
-            b = gather_bytes(ev.info, n)
-            cost.add(f"stage {i}", b, b if ev.info.grad else 0)
-            ran.add(i)
+    events = sorted(
+        [(c.start, 0, c) for c in trace.calls] + [(c.end, 1, c) for c in trace.calls],
+        key=lambda e: (e[0], e[1]),
+    )
+    for _clock, post, call in events:
+        if not post:
+            for s in plan.streams:
+                if call.module == s.entry and call.start == live[s.name][0]:
+                    rest[s.name] = s.shard
+        for hook in by_module.get(call.module, ()):
+            if (hook.side == "post") != bool(post):
+                continue
+            _in_region(hook, call, plan, live)
+            f, b = hook_bytes(hook, call, trace, n, sizes)
+            cost.add(hook.acts[0].label, f, b)
+        if not post:
+            for i, st in stages.get(call.module, ()):
+                if not _inside(call.start, live[st.stream]):
+                    continue
+                ran.add(i)
+                if st.kind == "relayout":
+                    if st.rest is not None and st.rest != rest[st.stream]:
+                        raise _rest_error(i, st, rest[st.stream])
+                    rest[st.stream] = st.shard
+                elif st.kind != "gather_output":
+                    if st.rest != rest[st.stream]:
+                        raise _rest_error(i, st, rest[st.stream])
+                    active.append((call, st))
+            _check_call(call, decl, plan, stages, rest, active, live, trace)
+        else:
+            active[:] = [(c, st) for c, st in active if c is not call]
+            for s in plan.streams:
+                if call.module == s.exit and call.end == live[s.name][1]:
+                    rest[s.name] = None
+            if call.module in decl.operands:
+                _check_operand(call, decl, stages, rest, active, plan, live)
     never = [f"{i} ({st.module})" for i, st in enumerate(plan.stages) if i not in ran]
     if never:
         raise PlanError(
@@ -159,3 +280,88 @@ def simulate(
             "(or a relayout is not at a block boundary of its stream)"
         )
     return cost
+
+
+def _inside(clock: int, span: Tuple[int, int]) -> bool:
+    return span[0] <= clock <= span[1]
+
+
+def _in_region(hook: Hook, call: Call, plan: Plan, live) -> bool:
+    """Hooks act at every call of their module (as at run time): a stage's module that also
+    runs outside its stream's sharded region would act on a whole tensor, so it is an error."""
+    label = hook.acts[0].label if hook.acts else ""
+    if label.startswith("stage "):
+        i = int(label.split()[1])
+        st = plan.stages[i]
+        if not _inside(call.start, live[st.stream]):
+            raise PlanError(
+                f"stage {i} ({st.kind} {st.module!r}) also runs outside the sharded region of "
+                f"stream {st.stream!r} (before its entry or after its exit); its hooks would "
+                "act on a whole tensor there"
+            )
+    return True
+
+
+def _rest_error(i: int, st: Stage, actual: Optional[str]) -> PlanError:
+    return PlanError(
+        f"stage {i} ({st.kind} {st.module!r}) says stream {st.stream!r} rests on {st.rest!r} "
+        f"when it runs, but it rests on {actual!r} there"
+    )
+
+
+def _effective(stream: str, rest, active) -> Optional[str]:
+    """The dim ``stream`` is sharded on inside the innermost open stage (None: whole)."""
+    for _, st in reversed(active):
+        if st.stream != stream:
+            continue
+        if st.kind == "compute":
+            return st.shard
+        if st.kind in ("whole", "tp"):
+            return None
+        if st.kind in ("heads", "ring", "usp"):
+            return "attention"
+        return rest[stream]
+    return rest[stream]
+
+
+def _check_call(call: Call, decl: Declarations, plan: Plan, stages, rest, active, live, trace):
+    own = decl.compute.get(call.module)
+    if not own:
+        return
+    for s in plan.streams:
+        if not set(own) <= set(s.seq) or not _inside(call.start, live[s.name]):
+            continue
+        cur = _effective(s.name, rest, active)
+        if any(
+            st.kind in ("heads", "ring", "usp") and st.module == call.module
+            for _, st in stages.get(call.module, ())
+        ):
+            continue
+        if cur in own:
+            raise PlanError(
+                f"module {call.module!r} computes over {own}, but the plan leaves stream "
+                f"{s.name!r} sharded on {cur!r} when it runs; add a stage for it (or for a "
+                "module containing it) that shards another dim"
+            )
+
+
+def _check_operand(call: Call, decl, stages, rest, active, plan: Plan, live) -> None:
+    user, dims = decl.operands[call.module]
+    gathers = [(i, st) for i, st in stages.get(call.module, ()) if st.kind == "gather_output"]
+    for s in plan.streams:
+        if not set(dims) <= set(s.seq) or not _inside(call.start, live[s.name]):
+            continue
+        cur = _effective(s.name, rest, active)
+        if cur is None:  # inside a whole/tp stage: the stream is whole there
+            continue
+        if not gathers:
+            raise PlanError(
+                f"{user!r} uses the output of {call.module!r} whole (full_operands), but the "
+                "plan has no gather_output stage for it"
+            )
+        i, st = gathers[0]
+        if st.shard is not None and st.shard != cur:
+            raise PlanError(
+                f"stage {i} gathers {call.module!r} along {st.shard!r}, but stream "
+                f"{s.name!r} is sharded on {cur!r} there"
+            )

@@ -25,11 +25,23 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
-__all__ = ["KINDS", "Plan", "PlanError", "Stage", "Stream", "text_table"]
+from dsp.layout import Layout
 
-KINDS = ("compute", "relayout", "gather_output")
+__all__ = ["KINDS", "ParamStyle", "Plan", "PlanError", "Stage", "Stream", "text_table"]
+
+#: Stage kinds. ``compute``: switch into ``shard`` around the module; ``local``: run where the
+#: stream rests (only companions, buffers); ``relayout``: a new resting layout from this block
+#: on; ``gather_output``: an output used whole; ``whole``: gather the input, run, keep this
+#: rank's part of the output; ``heads``: inside the module, every attention switches q/k/v
+#: from the resting dim to the heads dim (Ulysses); ``ring``: its attentions run as ring
+#: attention over the resting dim; ``usp``: heads over ``degree`` ranks x ring over the rest;
+#: ``tp``: a tensor-parallel region (Megatron-SP: all-gather in, reduce-scatter out, weights
+#: sliced as :class:`ParamStyle` says).
+KINDS = ("compute", "local", "relayout", "gather_output", "whole", "heads", "ring", "usp", "tp")
+#: Kinds whose hooks act on the module's inputs and output in the stream's resting layout.
+RUNS = ("compute", "local", "whole", "heads", "ring", "usp", "tp")
 
 
 class PlanError(ValueError):
@@ -45,20 +57,27 @@ def _dims(value: Any) -> Tuple[str, ...]:
     return tuple(str(v) for v in value)
 
 
+Arg = Union[int, str]
+
+
 @dataclass(frozen=True)
 class Stream:
     """An activation sharded between ``entry`` and ``exit``.
 
     Args:
         name: the stream's name, used by stages (``"x"``, ``"msa"``, ``"pair"``).
-        dims: one name per tensor dim, e.g. ``("B", "T", "S", "C")``.
-        entry: module whose positional input ``arg`` is split (forward pre-hook).
-        exit: module whose output (element ``out`` of a tuple output) is gathered.
+        dims: its named dims, e.g. ``("B", "T", "S", "C")`` (any order: the order of its
+            unfolded tensors where no layout is declared).
+        entry: module whose input ``arg`` is split (forward pre-hook).
+        exit: module whose output (element ``out`` of a tuple output) is gathered, or whose
+            input ``exit_arg`` is gathered when that is given (a pre-hook).
         shard: the dim sharded at the entry.
-        seq: dims that may be sharded; default: every dim but the first and the last
-            (batch first, channels last).
-        arg: position of the stream in ``entry``'s (and every block boundary's) inputs.
+        seq: dims that may be sharded; default: every dim but the first and the last.
+        arg: the entry's input: a position or a keyword (also at block boundaries).
         out: index of the stream in ``exit``'s tuple output; ``None``: the output itself.
+        layout: the layout of the tensor at the entry and the exit (default ``dims``), e.g.
+            ``"(B F) S C"`` for a model that folds frames into the batch.
+        exit_arg: gather this input of ``exit`` (position or keyword) instead of its output.
     """
 
     name: str
@@ -67,26 +86,65 @@ class Stream:
     exit: str
     shard: str
     seq: Tuple[str, ...] = ()
-    arg: int = 0
+    arg: Arg = 0
     out: Optional[int] = None
+    layout: Optional[str] = None
+    exit_arg: Optional[Arg] = None
 
     def __post_init__(self):
-        if isinstance(self.dims, str) or isinstance(self.seq, str):
-            raise PlanError(
-                f"stream {self.name!r}: dims and seq are sequences of names such as "
-                f"('B', 'T', 'S', 'C'), got dims={self.dims!r}, seq={self.seq!r}"
-            )
+        if isinstance(self.seq, str) and " " in self.seq:
+            object.__setattr__(self, "seq", tuple(self.seq.split()))
+        if isinstance(self.dims, str):
+            if " " not in self.dims.strip():
+                raise PlanError(
+                    f"stream {self.name!r}: dims and seq are sequences of names such as "
+                    f"('B', 'T', 'S', 'C') or a string 'B T S C', got dims={self.dims!r}"
+                )
+            object.__setattr__(self, "dims", tuple(self.dims.split()))
         object.__setattr__(self, "dims", _dims(self.dims))
         object.__setattr__(self, "seq", _dims(self.seq) or self.dims[1:-1])
+        if self.layout is not None:
+            object.__setattr__(self, "layout", str(Layout(self.layout)))
 
     def index(self, dim: str) -> int:
-        """Tensor position of ``dim``."""
+        """Position of ``dim`` in ``dims``."""
         return self.dims.index(dim)
+
+    @property
+    def entry_layout(self) -> Layout:
+        """The layout of the tensor at the entry and the exit."""
+        return Layout(self.layout or self.dims)
+
+
+@dataclass(frozen=True)
+class ParamStyle:
+    """How a Linear's weights are sliced for a ``tp`` stage (Megatron-SP).
+
+    ``style``: ``"column"`` (this rank's output units; fused layers repeat the unit slice in
+    each of ``groups`` blocks of ``stride`` rows) or ``"row"`` (this rank's input units; the
+    bias is added once, after the reduce-scatter). Units are heads of ``unit`` channels.
+    """
+
+    module: str
+    style: str
+    units: int
+    unit: int = 1
+    groups: int = 1
+
+    def __post_init__(self):
+        if self.style not in ("column", "row"):
+            raise PlanError(f"{self.module!r}: style must be 'column' or 'row', got {self.style!r}")
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One module of the plan; see the module docstring for the three kinds."""
+    """One module of the plan; see the module docstring and :data:`KINDS`.
+
+    ``rest`` is the stream's resting dim when the module runs (where a switch starts and
+    returns); it is filled in from the stream's entry shard when a stream has no relayout.
+    ``degree``: the Ulysses degree of a ``usp`` stage; ``out_rest``: where ``out_stream``
+    rests when the module writes into it (filled in likewise).
+    """
 
     module: str
     stream: str
@@ -95,6 +153,9 @@ class Stage:
     kind: str = "compute"
     out_stream: Optional[str] = None
     out_shard: Optional[str] = None
+    rest: Optional[str] = None
+    degree: Optional[int] = None
+    out_rest: Optional[str] = None
 
     def __post_init__(self):
         object.__setattr__(self, "compute", _dims(self.compute))
@@ -106,14 +167,16 @@ class Stage:
 
 @dataclass(frozen=True)
 class Plan:
-    """Streams and stages (stages in forward order)."""
+    """Streams, stages (in forward order) and the weights sliced for ``tp`` stages."""
 
     streams: Tuple[Stream, ...]
     stages: Tuple[Stage, ...] = field(default=())
+    params: Tuple[ParamStyle, ...] = field(default=())
 
     def __post_init__(self):
         object.__setattr__(self, "streams", tuple(self.streams))
-        object.__setattr__(self, "stages", tuple(self.stages))
+        object.__setattr__(self, "stages", _with_rest(tuple(self.streams), tuple(self.stages)))
+        object.__setattr__(self, "params", tuple(self.params))
         names = [s.name for s in self.streams]
         if len(set(names)) != len(names):
             raise PlanError(f"stream names must be unique, got {names}")
@@ -128,25 +191,43 @@ class Plan:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> Dict[str, Any]:
-        return {
+        shard = {s.name: s.shard for s in self.streams}
+        moved = {st.stream for st in self.stages if st.kind == "relayout"}
+        stages = []
+        for st in self.stages:  # rests that follow from the entry shard are left out
+            d = _compact(dataclasses.asdict(st))
+            for key, name in (("rest", st.stream), ("out_rest", st.out_stream)):
+                if name not in moved and d.get(key) == shard.get(name):
+                    d.pop(key, None)
+            bare = dataclasses.replace(st, shard=None)
+            if st.kind == "gather_output" and st.shard == _gather_dim(
+                bare, self.stages, shard, moved
+            ):
+                d.pop("shard", None)
+            stages.append(d)
+        out = {
             "streams": [_compact(dataclasses.asdict(s)) for s in self.streams],
-            "stages": [_compact(dataclasses.asdict(s)) for s in self.stages],
+            "stages": stages,
         }
+        if self.params:
+            out["params"] = [_compact(dataclasses.asdict(p)) for p in self.params]
+        return out
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> Plan:
         try:
             streams = tuple(Stream(**s) for s in data["streams"])
             stages = tuple(Stage(**s) for s in data.get("stages", ()))
+            params = tuple(ParamStyle(**p) for p in data.get("params", ()))
         except (KeyError, TypeError) as e:
             raise PlanError(f"not a plan: {e}") from None
-        return cls(streams, stages)
+        return cls(streams, stages, params)
 
     def to_json(self) -> str:
         """JSON text, one stream or stage per line."""
         d = self.to_dict()
         parts = []
-        for key in ("streams", "stages"):
+        for key in [k for k in ("streams", "stages", "params") if k in d]:
             rows = ",\n".join("    " + json.dumps(v) for v in d[key])
             parts.append(f'  "{key}": [\n{rows}\n  ]' if rows else f'  "{key}": []')
         return "{\n" + ",\n".join(parts) + "\n}"
@@ -171,7 +252,7 @@ class Plan:
         rows = []
         for i, st in enumerate(self.stages):
             out = f"{st.out_stream}:{st.out_shard}" if st.out_stream else ""
-            compute = ",".join(st.compute) if st.kind == "compute" else ""
+            compute = ",".join(st.compute)
             rows.append([i, st.kind, st.module, st.stream, compute, st.shard or "", out])
         if stage_bytes is not None:
             header.append("bytes")
@@ -183,11 +264,43 @@ class Plan:
         return self.table()
 
 
+def _with_rest(streams: Tuple[Stream, ...], stages: Tuple[Stage, ...]) -> Tuple[Stage, ...]:
+    """Fill ``rest`` from the entry shard for streams without relayouts."""
+    shard = {s.name: s.shard for s in streams}
+    moved = {st.stream for st in stages if st.kind == "relayout"}
+    out = []
+    for st in stages:
+        if st.rest is None and st.kind in RUNS and st.stream not in moved and st.stream in shard:
+            st = dataclasses.replace(st, rest=shard[st.stream])
+        if st.kind == "gather_output" and st.shard is None:
+            st = dataclasses.replace(st, shard=_gather_dim(st, stages, shard, moved))
+        o = st.out_stream
+        if st.out_rest is None and o is not None and o not in moved and o in shard:
+            st = dataclasses.replace(st, out_rest=shard[o])
+        out.append(st)
+    return tuple(out)
+
+
+def _gather_dim(st: Stage, stages, shard, moved) -> Optional[str]:
+    """Where an operand's stream is sharded when it runs: the enclosing stage's shard, or the
+    stream's resting dim."""
+    for outer in stages:
+        inside = st.module.startswith(outer.module + ".") or not outer.module
+        if inside and outer.kind == "compute" and outer.stream == st.stream:
+            return outer.shard
+        if inside and outer.kind in ("local", "heads", "ring", "usp") and outer.stream == st.stream:
+            return outer.rest
+    return shard.get(st.stream) if st.stream not in moved else None
+
+
+_DEFAULTS = {"kind": "compute", "arg": 0, "unit": 1, "groups": 1}
+
+
 def _compact(d: Dict[str, Any]) -> Dict[str, Any]:
     """Drop defaulted fields and turn tuples into lists (stable, readable JSON)."""
     out = {}
     for k, v in d.items():
-        if v is None or v == () or (k == "kind" and v == "compute") or (k == "arg" and v == 0):
+        if v is None or v == () or _DEFAULTS.get(k, object()) == v:
             continue
         out[k] = list(v) if isinstance(v, tuple) else v
     return out

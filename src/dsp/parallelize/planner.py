@@ -1,52 +1,57 @@
-"""The automatic switch planner: where to shard each stream so that the fewest bytes move.
+"""The automatic planner: where to shard each stream, and how each stage runs, for the fewest bytes.
 
-Stages (the outermost modules that compute over some of a stream's sequence dims) and the
-shapes at each come from a recording (:func:`record`). Dynamic programming over the events
-in forward order; the state is the resting layout (sharded dim) of every stream:
+Stages (the outermost called modules that compute over some of a stream's sequence dims)
+and the shapes at each call come from a recording (:func:`record`). Dynamic programming
+over the recorded calls in forward order; the state is the resting dim of every stream:
 
 * at a stream's entry: any legal dim (split: nothing sent, its backward neither);
 * at a block boundary: keep the layout, or relayout (one switch of the block input);
-* at a stage: shard any legal dim it does not compute over; if it is not the resting one,
-  switch the input there and the output back (or into the output stream's layout);
-  operands used whole are gathered (cost independent of the layout, counted all the same);
+* at a stage: ``compute`` on any legal dim it does not compute over (a switch in and back
+  unless it is the resting dim), or, for an attention that declares its ``sdpa`` layout,
+  ``heads`` (Ulysses) or ``ring``; only where none of these exists (a convolution over
+  every sequence dim), ``whole`` (gather, run, keep this rank's part: every rank computes
+  the whole module, which bytes do not show); operands used whole are gathered;
+* modules with companions or buffers run where the stream rests (``local``);
 * at the exit: gather.
 
-The cost is ``(bytes, imbalance)`` compared lexicographically: exact bytes of every
-collective summed over ranks, forward and backward, then the sum over choices of
-``imbalance(dim)`` (how much larger the largest shard is than an even share), so that ties
-go towards even load. ``even_only`` forbids dims whose length the world size does not divide;
-dims shorter than the world size are never sharded.
+Every option is costed by compiling it into the acts the model would run
+(:func:`~dsp.parallelize.compile.stage_hooks`) and counting their bytes on the recorded
+calls (:func:`~dsp.parallelize.cost.hook_bytes`): the planner, the dry run and the hooks share
+one interpreter. The cost is ``(bytes, imbalance, kind)`` compared lexicographically: exact
+bytes of every collective summed over ranks, forward and backward; then how much larger
+the largest shard is than an even share; then the simpler kind.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
-from dsp.parallelize.cost import PlanCost, simulate
+from dsp.parallelize.compile import exit_hook, stage_hooks
+from dsp.parallelize.cost import PlanCost, hook_bytes, imbalance, legal, simulate
 from dsp.parallelize.declared import Declarations, read_declarations, stage_modules, stream_of
-from dsp.parallelize.events import Event, events, gather_bytes, imbalance, legal, switch_bytes
 from dsp.parallelize.plan import Plan, PlanError, Stage, Stream
-from dsp.parallelize.trace import TensorInfo, Trace, declare_trace, trace_model
+from dsp.parallelize.trace import Call, Trace, declare_trace, trace_model
 
 __all__ = ["Recording", "plan_model", "record"]
 
-Cost = Tuple[int, Fraction]
+Cost = Tuple[int, Fraction, int]
+RANK = {"compute": 0, "local": 0, "heads": 1, "ring": 2, "whole": 3}
 
 
 @dataclass
 class _Site:
-    """One decision point: an entry, boundary, stage (with its operands), operand or exit."""
+    """One decision point at a recorded call."""
 
-    ev: Event
-    compute: Tuple[str, ...] = ()
-    shard_map: Optional[Dict[str, str]] = None
-    out_stream: Optional[str] = None
-    end: Optional[Event] = None
-    operands: Tuple[Event, ...] = ()
+    kind: str  # entry | boundary | stage | operand | local | use | exit
+    stream: str
+    call: Call
+    clock: int
+    operands: List[Call] = field(default_factory=list)
+    module: str = ""
 
 
 @dataclass
@@ -62,10 +67,16 @@ class Recording:
         """Dry-run ``plan``: check it and count its bytes (see :func:`simulate`)."""
         return simulate(plan, self.trace, self.decl, world_size, even_only=even_only)
 
-    def plan(self, world_size: int, *, even_only: bool = False) -> Plan:
-        """The plan with the fewest bytes (ties: the most even shards)."""
-        best_cost, choices = _Search(self, world_size, even_only).run(_sites(self))
-        plan = _build(self, choices)
+    def plan(self, world_size: int, *, even_only: bool = False, kinds=None) -> Plan:
+        """The plan with the fewest bytes (ties: the most even shards, the simpler kind).
+
+        ``kinds``: the stage kinds the search may use (default: compute, heads, ring, whole).
+        """
+        search = _Search(
+            self, world_size, even_only, kinds or ("compute", "heads", "ring", "whole")
+        )
+        best_cost, choices = search.run(_sites(self))
+        plan = search.build(choices)
         check = self.cost(plan, world_size, even_only=even_only).total
         if check != best_cost[0]:  # the planner and the dry run must agree to the byte
             raise RuntimeError(f"dsp planner: planned {best_cost[0]} bytes, dry run {check}")
@@ -79,28 +90,37 @@ def record(
     streams: Optional[Sequence[Stream]] = None,
     compute: Optional[Mapping[str, Any]] = None,
     operands: Optional[Mapping[str, Any]] = None,
+    declare: Optional[Mapping[str, Any]] = None,
     itemsize: int = 4,
 ) -> Recording:
-    """Record ``model``: run it on ``inputs`` (a tuple of example inputs, tiny or on the meta
-    device) or take ``inputs`` as declared dim sizes (a mapping ``{"T": 16, ...}``).
+    """Record ``model``: run it on ``inputs`` (example inputs, tiny or on the meta device; a
+    tuple, optionally ending in a dict of keyword inputs) or take ``inputs`` as declared dim
+    sizes (a mapping ``{"T": 16, ...}``).
 
     Args:
-        streams: the streams; default: :func:`dsp.parallelize.plans.default_streams`.
-        compute, operands: ``{module name pattern: dims}`` declarations for models without
-            ``compute_dim``/``full_operands`` attributes.
+        streams: the streams; default: the model's ``dsp_streams`` attribute, or
+            (the models in ``dsp.models`` carry theirs).
+        declare: ``{module name pattern: {"compute": ..., "inputs": ..., ...}}``, the
+            declarations of a model without attributes (docs/parallelize.md).
+        compute, operands: ``{pattern: dims}`` shorthands.
         itemsize: element size for declared sizes.
     """
     if streams is None:
-        from dsp.parallelize.plans import default_streams
-
-        streams = default_streams(model)
+        streams = getattr(model, "dsp_streams", None)
+        if not streams:
+            raise PlanError(
+                f"{type(model).__name__} declares no streams: pass streams=[Stream(name, dims, "
+                "entry, exit, shard, ...)] or give the model a dsp_streams attribute"
+            )
     streams = tuple(streams)
-    decl = read_declarations(model, streams, compute, operands)
-    stages = stage_modules(model, decl, streams)
+    decl = read_declarations(model, streams, compute, operands, declare)
     if isinstance(inputs, Mapping):
         trace = declare_trace(model, streams, inputs, itemsize=itemsize)
     else:
-        trace = trace_model(model, inputs, streams)
+        buffers = {m: list(b) for m, b in decl.buffers.items()}
+        trace = trace_model(model, inputs, streams, buffers=buffers, layouts=decl)
+    called = {c.module for c in trace.calls}
+    stages = stage_modules(model, decl, streams, called)
     return Recording(streams, decl, trace, stages)
 
 
@@ -111,39 +131,74 @@ def plan_model(
     return record(model, inputs, **options).plan(world_size, even_only=even_only)
 
 
+def _contains(outer: Call, inner: Call) -> bool:
+    return outer.start < inner.start and inner.end < outer.end
+
+
 def _sites(rec: Recording) -> List[_Site]:
-    """The recording's events grouped into decision points, in forward order."""
-    outs = {}
-    for m, smap in rec.decl.shard_maps.items():
-        outs[m] = stream_of(tuple(smap.values()), rec.streams, f"{m!r} shard_map").name
-    stage_map = {m: (s, outs.get(m)) for m, (s, _) in rec.stages.items()}
-    bounds: Dict[str, List[str]] = {}
-    for stream, modules in rec.decl.boundaries.items():
-        for m in modules:
-            bounds.setdefault(m, []).append(stream)
+    """The recording's decision points in forward order."""
+    trace, decl = rec.trace, rec.decl
+    streams = {s.name: s for s in rec.streams}
+    live: Dict[str, Tuple[int, int]] = {}
     sites: List[_Site] = []
-    open_stage: Optional[_Site] = None
-    for ev in events(rec.trace, rec.decl, stage_map, bounds):
-        if ev.kind == "stage":
-            smap = rec.decl.shard_maps.get(ev.module)
-            open_stage = _Site(ev, rec.stages[ev.module][1], smap, outs.get(ev.module))
-            sites.append(open_stage)
-        elif ev.kind == "stage_end":
-            open_stage.end, open_stage = ev, None
-        elif ev.kind == "operand" and open_stage is not None:
-            open_stage.operands += (ev,)
-        elif ev.kind in ("entry", "boundary", "operand", "exit"):
-            sites.append(_Site(ev))
+    for s in rec.streams:
+        entry = next((c for c in trace.calls if c.module == s.entry), None)
+        exit_ = next(
+            (c for c in trace.calls if c.module == s.exit and entry and c.start > entry.start),
+            None,
+        )
+        if entry is None or exit_ is None:
+            missing = s.entry if entry is None else s.exit
+            raise PlanError(f"stream {s.name!r}: module {missing!r} never ran (after its entry)")
+        end = exit_.start if s.exit_arg is not None else exit_.end
+        live[s.name] = (entry.start, end)
+        sites.append(_Site("entry", s.name, entry, entry.start - 0.5))
+        sites.append(_Site("exit", s.name, exit_, end + 0.5))
+    stage_calls: List[_Site] = []
+    for c in trace.calls:
+        for name, mods in decl.boundaries.items():
+            if c.module in mods and live[name][0] < c.start < live[name][1]:
+                sites.append(_Site("boundary", name, c, c.start - 0.25))
+        if c.module in rec.stages:
+            name = rec.stages[c.module][0]
+            if live[name][0] <= c.start <= live[name][1]:
+                site = _Site("stage", name, c, c.start)
+                stage_calls.append(site)
+                sites.append(site)
+    for c in trace.calls:
+        inside = [st for st in stage_calls if _contains(st.call, c)]
+        if c.module in decl.operands:
+            dims = decl.operands[c.module][1]
+            name = stream_of(dims, rec.streams, f"operand {c.module!r}").name
+            if not live[name][0] <= c.start <= live[name][1]:
+                continue
+            if inside:
+                inside[-1].operands.append(c)
+            else:
+                sites.append(_Site("operand", name, c, c.end))
+        elif not inside and c.module not in rec.stages:
+            for name, s in streams.items():
+                _, extra = decl.split_inputs(c.module, s) if c.module in decl.inputs else ({}, {})
+                if extra and live[name][0] < c.start <= live[name][1]:
+                    sites.append(_Site("local", name, c, c.start))
+    for clock, owner, _attr in trace.buffer_uses:
+        for name, (lo, hi) in live.items():
+            if lo <= clock <= hi:
+                sites.append(_Site("use", name, trace.calls[0], clock, module=owner))
+    sites.sort(key=lambda s: s.clock)
     return sites
 
 
 class _Search:
-    """Dynamic programming over sites; state: the resting layout of every stream."""
+    """Dynamic programming over sites; state: the resting dim of every stream."""
 
-    def __init__(self, rec: Recording, n: int, even_only: bool):
+    def __init__(self, rec: Recording, n: int, even_only: bool, kinds):
+        self.rec = rec
         self.streams = {s.name: s for s in rec.streams}
         self.order = [s.name for s in rec.streams]
         self.size, self.n, self.even_only = rec.trace.size, n, even_only
+        self.kinds = kinds
+        self.bare = Plan(rec.streams)
 
     def legal_dims(self, stream: Stream, exclude=(), within=None) -> List[str]:
         return [
@@ -154,25 +209,31 @@ class _Search:
             and legal(self.size(d), self.n, self.even_only)
         ]
 
-    def switch(self, info: TensorInfo, stream: Stream, a: Optional[str], b: str) -> int:
-        """Forward and (if the tensor requires grad) backward bytes of one switch."""
-        return switch_bytes(info, stream, a, b, self.n) * (2 if info.grad else 1)
-
-    def gather(self, info: TensorInfo) -> int:
-        """All-gather forward, reduce-scatter backward."""
-        return gather_bytes(info, self.n) * (2 if info.grad else 1)
+    def bytes_of(self, st: Stage, call: Call, operands=()) -> int:
+        """Forward + backward bytes of ``st`` at ``call`` (and its operands' gathers)."""
+        total = 0
+        for hook in stage_hooks(0, st, self.bare, self.rec.decl):
+            f, b = hook_bytes(hook, call, self.rec.trace, self.n)
+            total += f + b
+        for op in operands:
+            g = Stage(op.module, _op_stream(self.rec, op), kind="gather_output", shard="_")
+            for hook in stage_hooks(0, g, self.bare, self.rec.decl):
+                f, b = hook_bytes(hook, op, self.rec.trace, self.n)
+                total += f + b
+        return total
 
     def run(self, sites: List[_Site]) -> Tuple[Cost, List]:
-        best: Dict[Tuple, Tuple[Cost, List]] = {(None,) * len(self.order): ((0, Fraction(0)), [])}
+        start = (None,) * len(self.order)
+        best: Dict[Tuple, Tuple[Cost, List]] = {start: ((0, Fraction(0), 0), [])}
         for site in sites:
             new: Dict[Tuple, Tuple[Cost, List]] = {}
             for state, (cost, choices) in best.items():
                 for nxt, step, choice in self.options(site, state):
-                    total = (cost[0] + step[0], cost[1] + step[1])
+                    total = tuple(a + b for a, b in zip(cost, step))
                     if nxt not in new or total < new[nxt][0]:
                         new[nxt] = (total, choices + ([choice] if choice else []))
             if not new:
-                stream = self.streams[site.ev.stream]
+                stream = self.streams[site.stream]
                 raise PlanError(
                     f"no legal dim to shard stream {stream.name!r} at its entry "
                     f"{stream.entry!r}: sequence dims "
@@ -182,101 +243,188 @@ class _Search:
             best = new
         return min(best.values(), key=lambda v: v[0])
 
-    def options(self, site: _Site, state: Tuple) -> List[Tuple[Tuple, Cost, Any]]:
-        """``(next state, (bytes, imbalance), choice)`` for each legal choice at ``site``."""
-        ev = site.ev
-        stream = self.streams[ev.stream]
-        k = self.order.index(ev.stream)
+    def options(self, site: _Site, state: Tuple):
+        """``(next state, (bytes, imbalance, kind), choice)`` for each legal choice."""
+        stream = self.streams[site.stream]
+        k = self.order.index(site.stream)
         cur = state[k]
 
         def put(d):
             return state[:k] + (d,) + state[k + 1 :]
 
-        if ev.kind == "entry":  # nothing sent either way (grad_mode="shard")
-            split = 0
+        zero = (0, Fraction(0), 0)
+        if site.kind == "entry":
             return [
-                (put(d), (split, imbalance(self.size(d), self.n)), ("entry", ev, d))
+                (put(d), (0, imbalance(self.size(d), self.n), 0), ("entry", site, d))
                 for d in self.legal_dims(stream)
             ]
-        if ev.kind == "boundary":
-            return [
-                (
-                    put(d),
-                    (self.switch(ev.info, stream, cur, d), imbalance(self.size(d), self.n)),
-                    ("boundary", ev, d, d != cur),
+        if site.kind == "boundary":
+            out = []
+            for d in self.legal_dims(stream):
+                st = Stage(site.call.module, stream.name, kind="relayout", shard=d, rest=cur)
+                b = self.bytes_of(st, site.call) if d != cur else 0
+                out.append(
+                    (put(d), (b, imbalance(self.size(d), self.n), 0), ("boundary", site, d, cur))
                 )
-                for d in self.legal_dims(stream)
-            ]
-        if ev.kind == "exit":
-            return [(put(None), (gather_bytes(ev.info, self.n), Fraction(0)), None)]
-        if ev.kind == "operand":
-            return [(state, (self.gather(ev.info), Fraction(0)), ("operand", ev, cur))]
-        return [self.stage(site, state, cur, stream)]
+            return out
+        if site.kind == "exit":
+            f, b = hook_bytes(exit_hook(stream, cur), site.call, self.rec.trace, self.n)
+            return [(put(None), (f + b, Fraction(0), 0), None)]
+        if site.kind == "operand":
+            st = Stage(site.call.module, stream.name, kind="gather_output", shard=cur)
+            return [(state, (self.bytes_of(st, site.call), Fraction(0), 0), ("stage", st))]
+        if site.kind in ("local", "use"):
+            module = site.module or site.call.module
+            return [(state, zero, ("stage", Stage(module, stream.name, kind="local", rest=cur)))]
+        return self.stage(site, state, cur, stream)
 
     def stage(self, site: _Site, state: Tuple, cur: str, stream: Stream):
-        """The cheapest shard for a stage in ``state`` (the state does not change)."""
-        ev = site.ev
-        dims = self.legal_dims(stream, exclude=site.compute, within=site.shard_map)
-        if not dims:
+        """Every way to run a stage in ``state`` (the state does not change)."""
+        module = site.call.module
+        compute = self.rec.stages[module][1]
+        smap = self.rec.decl.shard_maps.get(module)
+        out_stream = (
+            stream_of(tuple(smap.values()), self.rec.streams, f"{module!r} shard_map").name
+            if smap
+            else None
+        )
+        cands: List[Stage] = []
+        if "compute" in self.kinds:
+            for c in self.legal_dims(stream, exclude=compute, within=smap):
+                if out_stream:
+                    o = state[self.order.index(out_stream)]
+                    cands.append(
+                        Stage(
+                            module,
+                            stream.name,
+                            compute,
+                            c,
+                            "compute",
+                            out_stream,
+                            smap[c],
+                            rest=cur,
+                            out_rest=o,
+                        )
+                    )
+                else:
+                    cands.append(Stage(module, stream.name, compute, c, rest=cur))
+        if module in self.rec.decl.sdpa and cur in compute and not out_stream:
+            heads = self._heads(site.call)
+            if "heads" in self.kinds and heads is not None and heads >= self.n:
+                cands.append(Stage(module, stream.name, compute, "H", "heads", rest=cur))
+            if "ring" in self.kinds and self.rec.trace.inside(site.call):
+                cands.append(Stage(module, stream.name, compute, cur, "ring", rest=cur))
+        if "whole" in self.kinds and not out_stream and not cands:  # N x the compute: last resort
+            cands.append(Stage(module, stream.name, compute, None, "whole", rest=cur))
+        if not cands:
             raise PlanError(
-                f"stage {ev.module!r} computes over {site.compute} of stream {ev.stream!r} "
+                f"stage {module!r} computes over {compute} of stream {stream.name!r} "
                 f"(sequence dims { {d: self.size(d) for d in stream.seq} }): no other dim can "
                 f"be sharded over {self.n} ranks"
-                + (f"; its output maps only {sorted(site.shard_map)}" if site.shard_map else "")
+                + (f"; its output maps only {sorted(smap)}" if smap else "")
                 + " (a sharded dim must be at least that long"
                 + (", and divisible by it: even_only)" if self.even_only else ")")
             )
-        best = None
-        for c in dims:
-            b = self.switch(ev.info, stream, cur, c) + sum(
-                self.gather(o.info) for o in site.operands
-            )
-            if site.out_stream:
-                out = self.streams[site.out_stream]
-                target = state[self.order.index(out.name)]
-                b += self.switch(site.end.info, out, site.shard_map[c], target)
+        out = []
+        for st in cands:
+            b = self.bytes_of(st, site.call, _gathered(st, site.operands, self.rec))
+            imb = imbalance(self.size(st.shard), self.n) if st.kind == "compute" else Fraction(0)
+            out.append((state, (b, imb, RANK[st.kind]), ("stage", st, site, state)))
+        return out
+
+    def _heads(self, call: Call) -> Optional[int]:
+        lay = self.rec.decl.sdpa[call.module]
+        att = self.rec.trace.inside(call)
+        if not att or "H" not in lay.names:
+            return None
+        sizes = dict(self.rec.trace.sizes)
+        lay.bind(att[0].q.shape, sizes)
+        return sizes["H"]
+
+    def build(self, choices: List) -> Plan:
+        """The plan of the DP's choices."""
+        entry: Dict[str, str] = {}
+        stages: List[Stage] = []
+        for choice in choices:
+            kind = choice[0]
+            if kind == "entry":
+                entry[choice[1].stream] = choice[2]
+            elif kind == "boundary":
+                site, d, cur = choice[1], choice[2], choice[3]
+                if d != cur:
+                    stages.append(
+                        Stage(site.call.module, site.stream, kind="relayout", shard=d, rest=cur)
+                    )
             else:
-                b += self.switch(site.end.info, stream, c, cur)
-            step = (b, imbalance(self.size(c), self.n))
-            if best is None or step < best[1]:
-                best = (state, step, ("stage", site, c, state))
-        return best
-
-
-def _build(rec: Recording, choices: List) -> Plan:
-    """The plan of the DP's choices: entry dims, relayouts, stage shards, gathers."""
-    order = [s.name for s in rec.streams]
-    entry: Dict[str, str] = {}
-    stages: List[Stage] = []
-    for choice in choices:
-        kind, ev = choice[0], choice[1]
-        if kind == "entry":
-            entry[ev.stream] = choice[2]
-        elif kind == "boundary" and choice[3]:
-            stages.append(Stage(ev.module, ev.stream, kind="relayout", shard=choice[2]))
-        elif kind == "operand":
-            stages.append(Stage(ev.module, ev.stream, kind="gather_output", shard=choice[2]))
-        elif kind == "stage":
-            site, c, state = choice[1], choice[2], choice[3]
-            out = site.shard_map[c] if site.out_stream else None
-            stages.append(
-                Stage(
-                    site.ev.module, site.ev.stream, site.compute, c, "compute", site.out_stream, out
+                st = choice[1]
+                stages.append(st)
+                if len(choice) > 2:
+                    for op in _gathered(st, choice[2].operands, self.rec):
+                        shard = _operand_shard(st, op, self.rec, self.order, choice[3])
+                        stages.append(
+                            Stage(
+                                op.module,
+                                _op_stream(self.rec, op),
+                                kind="gather_output",
+                                shard=shard,
+                            )
+                        )
+        unique: Dict[Tuple[str, str, str], Stage] = {}
+        for st in stages:
+            key = (
+                st.kind if st.kind in ("relayout", "gather_output") else "run",
+                st.module,
+                st.stream,
+            )
+            if unique.setdefault(key, st) != st:
+                raise PlanError(
+                    f"module {st.module!r} runs several times and needs different plans "
+                    f"({unique[key]} vs {st}); a plan gives one choice per module"
                 )
+        streams = tuple(
+            Stream(
+                s.name,
+                s.dims,
+                s.entry,
+                s.exit,
+                entry[s.name],
+                s.seq,
+                s.arg,
+                s.out,
+                s.layout,
+                s.exit_arg,
             )
-            for op in site.operands:
-                layout = c if op.stream == site.ev.stream else state[order.index(op.stream)]
-                stages.append(Stage(op.module, op.stream, kind="gather_output", shard=layout))
-    unique: Dict[Tuple[str, str, str], Stage] = {}
-    for st in stages:
-        key = (st.kind, st.module, st.stream)
-        if unique.setdefault(key, st) != st:
-            raise PlanError(
-                f"module {st.module!r} runs several times and needs different plans "
-                f"({unique[key]} vs {st}); a plan gives one choice per module"
-            )
-    streams = tuple(
-        Stream(s.name, s.dims, s.entry, s.exit, entry[s.name], s.seq, s.arg, s.out)
-        for s in rec.streams
-    )
-    return Plan(streams, tuple(unique.values()))
+            for s in self.rec.streams
+        )
+        kept = [st for st in unique.values() if not _idle(st, self.rec.decl, streams)]
+        return Plan(streams, tuple(kept))
+
+
+def _idle(st: Stage, decl: Declarations, streams) -> bool:
+    """A local stage with nothing to slice (no companion or buffer holds its dim)."""
+    if st.kind != "local":
+        return False
+    s = next(x for x in streams if x.name == st.stream)
+    _, extra = decl.split_inputs(st.module, s) if st.module in decl.inputs else ({}, {})
+    lays = list(extra.values()) + list((decl.buffers.get(st.module) or {}).values())
+    return not any(st.rest in lay.names for lay in lays)
+
+
+def _gathered(st: Stage, operands, rec: Recording) -> list:
+    """The operands a stage must gather (inside ``whole``, its own stream is whole)."""
+    if st.kind != "whole":
+        return list(operands)
+    return [op for op in operands if _op_stream(rec, op) != st.stream]
+
+
+def _op_stream(rec: Recording, op: Call) -> str:
+    dims = rec.decl.operands[op.module][1]
+    return stream_of(dims, rec.streams, f"operand {op.module!r}").name
+
+
+def _operand_shard(st: Stage, op: Call, rec: Recording, order, state) -> Optional[str]:
+    """The dim an operand's stream is sharded on inside stage ``st``."""
+    name = _op_stream(rec, op)
+    if name == st.stream:
+        return st.shard if st.kind == "compute" else st.rest
+    return state[order.index(name)]

@@ -2,7 +2,8 @@
 
 :func:`trace_model` runs the model on example inputs (tiny tensors, or tensors on the
 ``meta`` device: no memory, no compute) with hooks on every module, and records each call:
-the shapes of its positional tensor inputs and outputs, and whether they require grad.
+its tensor inputs by position and keyword, its outputs, the
+``scaled_dot_product_attention`` calls inside it, and when declared buffers are read.
 :func:`declare_trace` describes the same without running anything: modules are assumed to
 run in registration order and every tensor at a stage to have its stream's full shape.
 """
@@ -10,13 +11,16 @@ run in registration order and every tensor at a stage to have its stream's full 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from dsp.parallelize.plan import PlanError, Stream
+from dsp.parallelize.args import Args
+from dsp.parallelize.plan import Arg, PlanError, Stream
 
 __all__ = ["Call", "TensorInfo", "Trace", "declare_trace", "trace_model"]
 
@@ -47,32 +51,58 @@ def _infos(x: Any) -> Tuple[Optional[TensorInfo], ...]:
 
 @dataclass(frozen=True)
 class Call:
-    """One call of a module: ``start`` at its pre-hook, ``end`` at its forward hook."""
+    """One call of a module: ``start`` at its pre-hook, ``end`` at its forward hook.
+
+    ``inputs`` holds every tensor input under its position and, where the signature names
+    it, its name too; ``outs`` the output (the elements of a tuple output).
+    """
 
     module: str
     start: int
     end: int
-    args: Tuple[Optional[TensorInfo], ...] = ()
+    inputs: Tuple[Tuple[Arg, TensorInfo], ...] = ()
     outs: Tuple[Optional[TensorInfo], ...] = ()
+
+    def input(self, key: Arg) -> Optional[TensorInfo]:
+        for k, v in self.inputs:
+            if k == key:
+                return v
+        return None
+
+    def output(self, index: Optional[int]) -> Optional[TensorInfo]:
+        i = 0 if index is None else index
+        return self.outs[i] if 0 <= i < len(self.outs) else None
+
+
+@dataclass(frozen=True)
+class Attend:
+    """One ``scaled_dot_product_attention`` call at ``clock``: q, k, v as passed."""
+
+    clock: int
+    q: TensorInfo
+    k: TensorInfo
+    v: TensorInfo
 
 
 @dataclass(frozen=True)
 class Trace:
-    """The calls of one forward, the streams' full dim sizes and the element size."""
+    """The calls of one forward, the named dims' full sizes and the element size."""
 
     streams: Tuple[Stream, ...]
     sizes: Tuple[Tuple[str, int], ...]
     itemsize: int
     calls: Tuple[Call, ...]
     grad: bool = True  # default for tensors whose info was not recorded (declared traces)
+    attends: Tuple[Attend, ...] = ()
+    buffer_uses: Tuple[Tuple[int, str, str], ...] = ()  # (clock, module, attribute)
+    declared: bool = field(default=False)
 
     def size(self, dim: str) -> int:
         return dict(self.sizes)[dim]
 
     def shape(self, stream: Stream) -> Tuple[int, ...]:
-        """The stream's full shape."""
-        sizes = dict(self.sizes)
-        return tuple(sizes[d] for d in stream.dims)
+        """The stream's full shape at its entry."""
+        return stream.entry_layout.full_shape(dict(self.sizes))
 
     def tensor(self, info: Optional[TensorInfo], stream: Stream) -> TensorInfo:
         """``info``, or the stream's full shape when nothing was recorded."""
@@ -80,44 +110,74 @@ class Trace:
             return info
         return TensorInfo(self.shape(stream), self.grad, self.itemsize)
 
-
-def _pick(infos: Sequence[Optional[TensorInfo]], i: Optional[int]) -> Optional[TensorInfo]:
-    i = 0 if i is None else i
-    return infos[i] if 0 <= i < len(infos) else None
-
-
-def _sizes(streams: Sequence[Stream], shapes: Mapping[str, Sequence[int]]) -> Dict[str, int]:
-    sizes: Dict[str, int] = {}
-    for s in streams:
-        shape = tuple(shapes[s.name])
-        if len(shape) != len(s.dims):
-            raise PlanError(
-                f"stream {s.name!r} names {len(s.dims)} dims {s.dims}, but the tensor at its "
-                f"entry {s.entry!r} (input {s.arg}) has shape {shape} ({len(shape)} dims)"
-            )
-        for d, n in zip(s.dims, shape):
-            if sizes.setdefault(d, n) != n:
-                raise PlanError(
-                    f"dim {d!r} has length {sizes[d]} in one stream and {n} in {s.name!r}"
-                )
-    return sizes
+    def inside(self, call: Call) -> List[Attend]:
+        """The attention calls made while ``call`` ran."""
+        return [a for a in self.attends if call.start < a.clock < call.end]
 
 
-def trace_model(model: nn.Module, inputs: Any, streams: Sequence[Stream]) -> Trace:
-    """Run ``model(*inputs)`` once and record every module call.
+class _Watched(torch.Tensor):
+    """A parameter or buffer that reports each use (the trace knows when a parent reads it)."""
 
-    ``inputs`` is a tensor or a tuple of positional inputs. If they are on the ``meta``
-    device and the model is not, parameters are replaced by meta tensors for this run
-    (``torch.func.functional_call``), so a model of any size traces in no memory.
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.on_use()
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+    on_use = staticmethod(lambda: None)
+
+
+class _AttendSpy(TorchFunctionMode):
+    def __init__(self, record):
+        super().__init__()
+        self.record = record
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.record(*[_info(a) for a in args[:3]])
+        return func(*args, **kwargs)
+
+
+def trace_model(
+    model: nn.Module,
+    inputs: Any,
+    streams: Sequence[Stream],
+    *,
+    buffers: Optional[Mapping[str, Sequence[str]]] = None,
+    layouts: Optional[Any] = None,
+) -> Trace:
+    """Run ``model(*inputs)`` once and record every module call (see the module docstring).
+
+    ``inputs`` is a tensor, a tuple of positional inputs, or ``(args, kwargs)`` given as a
+    tuple whose last element is a dict. On the ``meta`` device, parameters are replaced by
+    meta tensors for this run (``torch.func.functional_call``), so a model of any size traces
+    in no memory. ``buffers``: ``{module: [attribute, ...]}`` whose reads are recorded.
+    ``layouts``: the declarations, whose input layouts give the dims' sizes.
     """
-    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    args, kwargs = split_inputs(inputs)
     calls: List[Dict[str, Any]] = []
     open_calls: Dict[str, List[Dict[str, Any]]] = {}
+    attends: List[Attend] = []
+    uses: List[Tuple[int, str, str]] = []
     clock = [0]
+    sigs = {name: Args(mod) for name, mod in model.named_modules()}
 
     def pre(name):
-        def hook(_mod, a):
-            rec = {"module": name, "start": clock[0], "end": -1, "args": _infos(a), "outs": ()}
+        def hook(_mod, a, kw):
+            sig = sigs[name]
+            named: List[Tuple[Arg, TensorInfo]] = []
+            for i, v in enumerate(a):
+                if torch.is_tensor(v):
+                    named.append((i, _info(v)))
+                    if i < len(sig.positional):
+                        named.append((sig.positional[i], _info(v)))
+            for k, v in kw.items():
+                if torch.is_tensor(v):
+                    named.append((k, _info(v)))
+                    if k in sig.positional:
+                        named.append((sig.positional.index(k), _info(v)))
+            rec = {"module": name, "start": clock[0], "end": -1, "inputs": tuple(named)}
             clock[0] += 1
             calls.append(rec)
             open_calls.setdefault(name, []).append(rec)
@@ -132,37 +192,126 @@ def trace_model(model: nn.Module, inputs: Any, streams: Sequence[Stream]) -> Tra
 
         return hook
 
+    def attend(q, k, v):
+        attends.append(Attend(clock[0], q, k, v))
+        clock[0] += 1
+
     handles = []
     for name, mod in model.named_modules():
-        handles.append(mod.register_forward_pre_hook(pre(name)))
+        handles.append(mod.register_forward_pre_hook(pre(name), with_kwargs=True))
         handles.append(mod.register_forward_hook(post(name)))
+    modules = dict(model.named_modules())
     try:
-        on_meta = any(torch.is_tensor(a) and a.is_meta for a in args)
+        on_meta = any(torch.is_tensor(a) and a.is_meta for a in (*args, *kwargs.values()))
         state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        if on_meta and any(not t.is_meta for t in state.values()):
-            meta = {
+        if on_meta:
+            state = {
                 n: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad)
                 for n, t in state.items()
             }
-            torch.func.functional_call(model, meta, args)
-        else:
-            model(*args)
+        watched = {}
+        for owner, attrs in (buffers or {}).items():
+            for attr in attrs:
+                key = f"{owner}.{attr}" if owner else attr
+                base = state.get(key, getattr(modules[owner], attr))
+                w = base.detach().as_subclass(_Watched).requires_grad_(base.requires_grad)
+                watched[key] = (owner, attr, w)
+        with _AttendSpy(attend):
+            _run(model, state, args, kwargs, watched, uses, clock, on_meta)
     finally:
         for h in handles:
             h.remove()
-    recorded = tuple(Call(**c) for c in calls)
-    shapes, itemsize = {}, None
+    recorded = tuple(Call(**{"outs": (), **c}) for c in calls)
+    return _finish(streams, recorded, attends, uses, layouts)
+
+
+def _run(model, state, args, kwargs, watched, uses, clock, on_meta) -> None:
+    """Run the forward; each watched attribute reports its reads into ``uses``."""
+
+    def reporter(owner, attr):
+        def on_use():
+            uses.append((clock[0], owner, attr))
+            clock[0] += 1
+
+        return staticmethod(on_use)
+
+    for i, (key, (owner, attr, w)) in enumerate(watched.items()):
+        cls = type(f"_Watched{i}", (_Watched,), {"on_use": reporter(owner, attr)})
+        state[key] = w.as_subclass(cls)
+    if on_meta or watched:
+        torch.func.functional_call(model, state, args, kwargs, strict=False)
+    else:
+        model(*args, **kwargs)
+
+
+def split_inputs(inputs: Any) -> Tuple[tuple, Dict[str, Any]]:
+    """``inputs`` as ``(args, kwargs)``: a tensor, a tuple, or a tuple ending in a dict."""
+    if isinstance(inputs, (tuple, list)):
+        inputs = tuple(inputs)
+        if inputs and isinstance(inputs[-1], Mapping):
+            return inputs[:-1], dict(inputs[-1])
+        return inputs, {}
+    return (inputs,), {}
+
+
+def _finish(streams, recorded, attends, uses, decl) -> Trace:
+    """Bind every dim's size from the streams' entries and the declared input layouts."""
+    sizes: Dict[str, int] = {}
+    itemsize = None
     for s in streams:
         first = next((c for c in recorded if c.module == s.entry), None)
         if first is None:
             raise PlanError(f"stream {s.name!r}: its entry module {s.entry!r} never ran")
-        info = _pick(first.args, s.arg)
+        info = first.input(s.arg)
         if info is None:
-            raise PlanError(f"stream {s.name!r}: input {s.arg} of {s.entry!r} is not a tensor")
-        shapes[s.name] = info.shape
+            raise PlanError(f"stream {s.name!r}: input {s.arg!r} of {s.entry!r} is not a tensor")
         itemsize = itemsize or info.itemsize
-    sizes = _sizes(streams, shapes)
-    return Trace(tuple(streams), tuple(sizes.items()), itemsize or 4, recorded)
+    pending = []
+    for c in recorded:
+        for key, lay in (decl.inputs.get(c.module) or {}).items() if decl else ():
+            info = c.input(key)
+            if info is not None:
+                pending.append((lay, info.shape, f"input {key!r} of {c.module!r}"))
+        for s in streams:
+            if c.module == s.entry and c.input(s.arg) is not None:
+                pending.append((s.entry_layout, c.input(s.arg).shape, f"the entry of {s.name!r}"))
+    _bind_all(pending, sizes)
+    missing = sorted({d for s in streams for d in s.dims} - set(sizes))
+    if missing:
+        raise PlanError(f"could not learn the sizes of dims {missing} from the recorded inputs")
+    return Trace(
+        tuple(streams),
+        tuple(sizes.items()),
+        itemsize or 4,
+        recorded,
+        True,
+        tuple(attends),
+        tuple(uses),
+    )
+
+
+def _bind_all(pending, sizes: Dict[str, int]) -> None:
+    """Bind layouts until nothing new is learned (a fold may need a size bound later)."""
+    from dsp.layout import LayoutError
+
+    todo = list(pending)
+    while todo:
+        left = []
+        for lay, shape, what in todo:
+            try:
+                lay.bind(shape, sizes, what=what)
+            except LayoutError as e:
+                if "cannot tell" in str(e):
+                    left.append((lay, shape, what))
+                else:
+                    raise PlanError(str(e)) from None
+        if len(left) == len(todo):
+            lay, shape, what = left[0]
+            try:
+                lay.bind(shape, sizes, what=what)
+            except LayoutError as e:
+                raise PlanError(str(e)) from None
+        todo = left
 
 
 def declare_trace(
@@ -181,16 +330,19 @@ def declare_trace(
     clock = [0]
 
     def visit(name: str, mod: nn.Module) -> None:
+        container = isinstance(mod, (nn.ModuleList, nn.ModuleDict))
         start = clock[0]
         clock[0] += 1
         index = len(calls)
-        calls.append(Call(name, start, -1))
+        if not container:
+            calls.append(Call(name, start, -1))
         for child, sub in mod.named_children():
             visit(f"{name}.{child}" if name else child, sub)
-        calls[index] = Call(name, start, clock[0])
+        if not container:
+            calls[index] = Call(name, start, clock[0])
         clock[0] += 1
 
     visit("", model)
-    shapes = {s.name: tuple(sizes[d] for d in s.dims) for s in streams}
-    full = _sizes(streams, shapes)
-    return Trace(tuple(streams), tuple(full.items()), itemsize, tuple(calls), grad)
+    return Trace(
+        tuple(streams), tuple(dict(sizes).items()), itemsize, tuple(calls), grad, declared=True
+    )

@@ -1,58 +1,113 @@
-"""Sequence-parallel strategies behind one interface, selected by name.
+"""Sequence-parallel strategies: one interface, each a plan for the one engine.
 
 >>> strategy = dsp.strategies.get_strategy("dsp", group)
->>> model = strategy.apply(model)        # hooks from outside; the model code is unchanged
->>> loss = loss_fn(model(x, t, y, mask)) # same output on every rank
+>>> strategy.apply(model, example_inputs)   # plans, then dsp.parallelize: hooks from outside
+>>> loss = loss_fn(model(x, t, y, mask))    # same output on every rank
 >>> loss.backward(); strategy.sync_grads(model)
+
+Every strategy is a plan generator (:mod:`dsp.strategies.plans`); :func:`dsp.parallelize`
+applies the plan. ``strategy.plan`` is the plan it applied (print it, save it as JSON).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, Optional
 
+import torch
 import torch.distributed as dist
+from torch import nn
 
-from dsp.strategies.base import ModelSpec, SequenceSharded, Strategy, find_stages, model_spec
-from dsp.strategies.dsp_strategy import DSP
-from dsp.strategies.megatron_sp import MegatronSP
-from dsp.strategies.none import NoParallel
-from dsp.strategies.ring import Ring
-from dsp.strategies.ulysses import Ulysses
-from dsp.strategies.usp import USP
+from dsp.mesh import group_info
+from dsp.parallelize import Parallelized, Plan, parallelize
+from dsp.strategies.plans import attention_plan, dsp_plan, megatron_plan
 
-STRATEGIES = {
-    "none": NoParallel,
-    "dsp": DSP,
-    "ulysses": Ulysses,
-    "ring": Ring,
-    "megatron_sp": MegatronSP,
-    "usp": USP,
-}
+__all__ = ["STRATEGIES", "Strategy", "get_strategy"]
+
+STRATEGIES = ("none", "dsp", "ulysses", "ring", "megatron_sp", "usp")
+
+
+class Strategy:
+    """A named plan generator bound to a group; :meth:`apply` parallelizes a model.
+
+    Options: ``plan`` (``dsp``: ``"auto"``, ``"hand"`` or a :class:`Plan`),
+    ``ulysses_degree`` (``usp``), ``declare`` (declarations for a model without attributes).
+    """
+
+    def __init__(self, name: str, group: Optional[dist.ProcessGroup] = None, **options):
+        self.name, self.group, self.options = name, group, options
+        self.plan: Optional[Plan] = None
+        self.handle: Optional[Parallelized] = None
+
+    def make_plan(self, model: nn.Module, example_inputs: Any = None) -> Optional[Plan]:
+        """The plan this strategy applies to ``model`` (``None`` for ``none``)."""
+        n = group_info(self.group).size
+        declare = self.options.get("declare")
+        if self.name == "none":
+            return None
+        if self.name == "dsp":
+            return dsp_plan(
+                model,
+                n,
+                plan=self.options.get("plan", "auto"),
+                example_inputs=example_inputs,
+                declare=declare,
+            )
+        if self.name == "megatron_sp":
+            return megatron_plan(model, example_inputs=example_inputs, declare=declare)
+        kind = {"ulysses": "heads", "ring": "ring", "usp": "usp"}[self.name]
+        degree = self.usp_degree(model, n) if self.name == "usp" else None
+        return attention_plan(
+            model, kind, degree=degree, example_inputs=example_inputs, declare=declare
+        )
+
+    def usp_degree(self, model: nn.Module, n: int) -> int:
+        """The given Ulysses degree, or the largest divisor of N not above the head count."""
+        u = self.options.get("ulysses_degree")
+        if u is None:
+            heads = min(
+                (
+                    m.proj.in_features // m.head_dim
+                    for m in model.modules()
+                    if hasattr(m, "head_dim") and hasattr(m, "proj")
+                ),
+                default=1,
+            )
+            u = max(d for d in range(1, n + 1) if n % d == 0 and d <= heads)
+        if u < 1 or n % u:
+            raise ValueError(f"dsp usp: ulysses_degree={u} must divide the group size {n}")
+        return u
+
+    def apply(self, model: nn.Module, example_inputs: Any = None) -> nn.Module:
+        """Plan (on ``example_inputs`` where the strategy plans: tiny or meta tensors of the
+        real shapes) and install the plan's hooks. Returns the model."""
+        self.plan = self.make_plan(model, example_inputs)
+        if self.plan is not None:
+            self.handle = parallelize(
+                model, self.plan, self.group, declare=self.options.get("declare")
+            )
+        return model
+
+    def sync_grads(self, model: Optional[nn.Module] = None) -> None:
+        """Average replicated gradients over the group (one coalesced all-reduce)."""
+        if self.handle is not None:
+            self.handle.sync_grads(model)
+
+    def full_grads(self, model: nn.Module) -> Dict[str, torch.Tensor]:
+        """Every parameter's full gradient after :meth:`sync_grads` (tp slices gathered)."""
+        if self.handle is None:
+            return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return self.handle.full_grads(model)
+
+    def is_tensor_parallel(self, name: str) -> bool:
+        return self.handle is not None and self.handle.is_tensor_parallel(name)
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
 
 
 def get_strategy(name: str, group: Optional[dist.ProcessGroup] = None, **options) -> Strategy:
-    """Build the strategy ``name`` (one of :data:`STRATEGIES`) on ``group``."""
-    try:
-        cls = STRATEGIES[name]
-    except KeyError:
-        raise ValueError(
-            f"dsp: unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}"
-        ) from None
-    return cls(group, **options)
-
-
-__all__ = [
-    "DSP",
-    "MegatronSP",
-    "ModelSpec",
-    "NoParallel",
-    "Ring",
-    "STRATEGIES",
-    "SequenceSharded",
-    "Strategy",
-    "USP",
-    "Ulysses",
-    "find_stages",
-    "get_strategy",
-    "model_spec",
-]
+    """The strategy ``name`` (one of :data:`STRATEGIES`) on ``group``."""
+    if name not in STRATEGIES:
+        raise ValueError(f"dsp: unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    return Strategy(name, group, **options)

@@ -17,7 +17,6 @@ from torch import nn
 
 from dsp.comm.shards import shard_sizes
 from dsp.models.layers import Attention, CrossAttention, Mlp
-from dsp.strategies.base import find_stages
 
 
 @dataclass(frozen=True)
@@ -143,7 +142,9 @@ def expected_bytes(
 
     n_t_attn = _count(model, lambda m: isinstance(m, Attention) and m.attn_dim == "T")
     if strategy == "dsp":
-        n_stages = sum(1 for _, d in find_stages(model.blocks, "blocks.") if d == "T")
+        from dsp.models.plans import hand_plan
+
+        n_stages = sum(1 for st in hand_plan(model).stages if st.compute == ("T",))
         both = switch_bytes(x, "T") + switch_bytes(x, "S")
         add(both, both, n_stages)
     elif strategy == "ulysses":

@@ -1,0 +1,202 @@
+"""Run compiled acts on tensors: unfold by layout, one collective, fold back.
+
+:class:`Runtime` holds the group and the dims' full sizes of the current forward (learned
+from the tensors the acts see; nothing about layouts). Attention acts push a
+``TorchFunctionMode`` that reroutes ``scaled_dot_product_attention`` inside the module.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from dsp.attention.ring import ring_attention
+from dsp.comm.primitives import gather, split, switch
+from dsp.comm.seqpar import all_gather_seq, reduce_scatter_seq
+from dsp.comm.shards import shard_sizes
+from dsp.layout import Layout, LayoutError
+from dsp.mesh import group_info, split_group
+from dsp.parallelize.compile import Act
+from dsp.parallelize.plan import PlanError
+
+__all__ = ["Runtime"]
+
+
+class Runtime:
+    """The group, the current forward's dim sizes, and the acts' execution."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup]):
+        self.group = group
+        self.info = group_info(group)
+        self.sizes: Dict[str, int] = {}
+        self.modes: List[Tuple[Act, TorchFunctionMode]] = []
+        self.subgroups: Dict[int, tuple] = {}
+
+    def reset(self, _mod, _args) -> None:
+        """A new forward: forget sizes; undo what a forward that raised left behind."""
+        self.sizes = {}
+        while self.modes:
+            self.modes.pop()[1].__exit__(None, None, None)
+
+    # ------------------------------------------------------------------ tensors
+    def bind(
+        self, lay: Layout, x: torch.Tensor, shard: Optional[str], what: str, sizes: Dict[str, int]
+    ) -> None:
+        try:
+            lay.bind(x.shape, sizes, shard=shard, n=self.info.size, rank=self.info.rank, what=what)
+        except LayoutError as e:
+            raise PlanError(f"rank {self.info.rank}: {e}") from None
+
+    def run(self, act: Act, x: torch.Tensor, what: str, bias=None) -> torch.Tensor:
+        """Apply ``act`` to ``x`` (see :mod:`dsp.parallelize.compile` for the ops).
+
+        Entry splits and binds teach the forward the dims' sizes; any other act learns its
+        own dims (a companion's D, an output's channels) for itself only.
+        """
+        lay, g, n = act.layout, self.group, self.info.size
+        whole = act.op in ("split", "reducescatter", "bind")
+        persist = act.op == "bind" or act.label.startswith("split ")
+        sizes = self.sizes if persist else dict(self.sizes)
+        self.bind(lay, x, None if whole else act.src, what, sizes)
+        if act.op == "bind":
+            return x
+        u = lay.unfold(x, sizes, None if whole else act.src, n, self.info.rank)
+        if act.op == "split":  # whole -> shard; backward keeps this rank's part
+            y = split(u, lay.index(act.dst), g, grad_mode="shard")
+        elif act.op == "switch":
+            y = switch(u, lay.index(act.src), lay.index(act.dst), g, src_size=sizes[act.src])
+        elif act.op == "gather":  # the exit: backward slices and scales by N
+            y = gather(u, lay.index(act.src), g, size=sizes[act.src], grad_scale="up")
+        elif act.op == "allgather":  # operand used whole: backward reduce-scatters
+            lens = shard_sizes(sizes[act.src], n)
+            y = all_gather_seq(u, lay.index(act.src), lens, self.info)
+        elif act.op == "reducescatter":  # partial sums -> shard; backward all-gathers
+            lens = shard_sizes(sizes[act.dst], n)
+            y = reduce_scatter_seq(u, lay.index(act.dst), lens, self.info)
+        else:
+            raise PlanError(f"unknown act {act.op!r}")
+        y = lay.fold(y)
+        return y + bias if bias is not None else y
+
+    # ------------------------------------------------------------------ buffers
+    def slice_buffer(self, mod: nn.Module, act: Act) -> None:
+        """Shadow ``mod.<attr>`` with this rank's slice along ``act.dst`` (a view)."""
+        full = getattr(mod, act.key)
+        lay = act.layout
+        sizes = dict(self.sizes)
+        try:
+            lay.bind(full.shape, sizes, what=f"{type(mod).__name__}.{act.key}")
+        except LayoutError as e:
+            raise PlanError(f"rank {self.info.rank}: {e}") from None
+        u = lay.unfold(full, sizes, None, 1, 0)
+        i = lay.index(act.dst)
+        lengths = shard_sizes(u.shape[i], self.info.size)
+        start = sum(lengths[: self.info.rank])
+        part = lay.fold(u.narrow(i, start, lengths[self.info.rank]))
+        object.__setattr__(mod, act.key, part)
+
+    @staticmethod
+    def restore_buffer(mod: nn.Module, act: Act) -> None:
+        mod.__dict__.pop(act.key, None)
+
+    # ------------------------------------------------------------------ attention
+    def push_attend(self, act: Act) -> None:
+        mode = _AttendMode(self, act)
+        mode.__enter__()
+        self.modes.append((act, mode))
+
+    def pop_attend(self, act: Act) -> None:
+        if self.modes and self.modes[-1][0] is act:
+            self.modes.pop()[1].__exit__(None, None, None)
+
+    def usp_groups(self, u: int):
+        """(ulysses row group, ring column group) of this rank for Ulysses degree ``u``."""
+        if u not in self.subgroups:
+            self.subgroups[u] = split_group(self.group, u)
+        return self.subgroups[u]
+
+    def attend(self, act: Act, func, args, kwargs):
+        """One ``scaled_dot_product_attention`` call as ``act.kind`` over ``act.src``."""
+        q, k, v = args[:3]
+        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        if mask is not None or kwargs.get("is_causal"):
+            raise PlanError(
+                f"{act.label}: a {act.kind} attention over the sharded dim {act.src!r} takes no "
+                "mask and is not causal"
+            )
+        lay, src, n = act.layout, act.src, self.info.size
+        sz = dict(self.sizes)
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            self.bind(lay, t, src, f"{act.label} attention {name}", sz)
+        if act.kind == "heads":
+            qkv = [self._heads_in(lay, t, src, self.group, sz[src], sz) for t in (q, k, v)]
+            out = func(*qkv, *args[3:], **kwargs)
+            return self._heads_out(lay, out, src, self.group, sz[src], sz)
+        rest = {k: v for k, v in kwargs.items() if k not in ("attn_mask", "is_causal")}
+        d = q.shape[-1]
+        if rest.get("scale") not in (None, d**-0.5) or rest.get("dropout_p", 0.0):
+            raise PlanError(f"{act.label}: ring attention uses scale 1/sqrt(D) and no dropout")
+        lens = shard_sizes(sz[src], n)
+        if act.kind == "usp":
+            u = act.degree or 1
+            row_group, ring_group = self.usp_groups(u)
+            row = self.info.rank // u
+            chunk = [sum(lens[j * u : (j + 1) * u]) for j in range(n // u)]
+            qkv = [self._heads_in(lay, t, src, row_group, chunk[row], sz) for t in (q, k, v)]
+            out = self._ring(lay, qkv, src, ring_group, chunk, sz)
+            return self._heads_out(lay, out, src, row_group, chunk[row], sz)
+        return self._ring(lay, (q, k, v), src, self.group, lens, sz)
+
+    def _heads_in(self, lay, t, src, group, src_size, sz):
+        u = t.reshape([_dim(d, src, sz) for d in lay.dims])
+        u = switch(u, lay.index(src), lay.index("H"), group, src_size=src_size)
+        return lay.fold(u)
+
+    def _heads_out(self, lay, out, src, group, src_len, sz):
+        """Heads-sharded output (``src`` of length ``src_len``) back to ``src``-sharded."""
+        shape = [-1 if d == "H" else src_len if d == src else _dim(d, None, sz) for d in lay.dims]
+        u = switch(out.reshape(shape), lay.index("H"), lay.index(src), group, src_size=sz["H"])
+        return lay.fold(u)
+
+    def _ring(self, lay: Layout, qkv, src, group, block_lens, sz):
+        """Ring attention over the rows of ``src``'s group (a fold of the L group)."""
+        groups = lay.groups
+        gl = next(i for i, g in enumerate(groups) if src in g)
+        gh = next(i for i, g in enumerate(groups) if "H" in g)
+        if len(groups) != 4 or gl == gh or groups[3] != ("D",) or 3 in (gl, gh):
+            raise PlanError(f"ring attention needs an sdpa layout like 'B H L D', got {lay}")
+        gb = next(i for i in range(3) if i not in (gl, gh))
+        other = math.prod(sz[d] for d in groups[gl] if d not in (src, "1"))
+        seq = [other * b for b in block_lens]
+        perm = (gb, gl, gh, 3)
+        q, k, v = (t.permute(perm) for t in qkv)  # (N, L_r, H, D)
+        out = ring_attention(q, k, v, group, seq_sizes=seq)
+        inv = [perm.index(i) for i in range(4)]
+        return out.permute(inv)
+
+
+def _dim(d: str, src: Optional[str], sz: Dict[str, int]) -> int:
+    """Length of unfolded dim ``d``: -1 for the local ``src``, 1 for a literal ``1``."""
+    if d == "1":
+        return 1
+    return -1 if d == src else sz[d]
+
+
+class _AttendMode(TorchFunctionMode):
+    """Reroutes ``scaled_dot_product_attention`` calls to :meth:`Runtime.attend`."""
+
+    def __init__(self, rt: Runtime, act: Act):
+        super().__init__()
+        self.rt, self.act = rt, act
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return self.rt.attend(self.act, func, args, kwargs)
+        return func(*args, **kwargs)
