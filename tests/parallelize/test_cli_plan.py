@@ -36,7 +36,7 @@ def test_registered_in_the_dsp_command():
 def test_plan_prints_table_bytes_and_total(capsys, argv, ratio):
     assert main(["plan", "--world-size", "4", *argv]) == 0
     out = capsys.readouterr().out
-    assert "computes over" in out and "sharded on" in out and "bytes" in out
+    assert "computes over" in out and "runs on" in out and "bytes" in out
     assert "total:" in out and f"this plan sends {ratio}" in out
 
 

@@ -16,7 +16,8 @@ from typing import Any, Tuple
 import torch
 
 from dsp.cli.table import human_bytes
-from dsp.parallelize import Plan, PlanError, check_plan, hand_plan, record
+from dsp.models.plans import hand_plan
+from dsp.parallelize import Plan, PlanError, check_plan, record
 from dsp.parallelize.plan import text_table
 
 

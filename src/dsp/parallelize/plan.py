@@ -248,12 +248,22 @@ class Plan:
                 ],
             )
         ]
-        header = ["#", "kind", "module", "stream", "computes over", "sharded on", "output"]
+        header = ["#", "kind", "module", "stream", "computes over", "rests on", "runs on", "output"]
         rows = []
         for i, st in enumerate(self.stages):
             out = f"{st.out_stream}:{st.out_shard}" if st.out_stream else ""
-            compute = ",".join(st.compute)
-            rows.append([i, st.kind, st.module, st.stream, compute, st.shard or "", out])
+            runs = {
+                "whole": "whole",
+                "tp": "whole (tp)",
+                "heads": "heads",
+                "local": st.rest,
+                "ring": f"{st.rest} (ring)",
+                "usp": f"heads x ring ({st.degree})",
+            }
+            on = runs.get(st.kind, st.shard or "")
+            rows.append(
+                [i, st.kind, st.module, st.stream, ",".join(st.compute), st.rest or "", on, out]
+            )
         if stage_bytes is not None:
             header.append("bytes")
             rows = [r + [b] for r, b in zip(rows, stage_bytes)]
