@@ -11,7 +11,7 @@ def test_stdit_xl_on_ib_is_about_a_third_communication():
     for n in (4, 8):
         r = target_ratio("ib", n)
         assert 0.2 < r["target_ratio"] < 0.5, r
-        assert "stdit-xl/2" in r["target"] and "ib" in r["target"]
+        assert "stdit-xl/2" in r["target_workload"] and "ib" in r["target_workload"]
     # NVLink has 9x the bandwidth: far less communication-bound
     assert target_ratio("nvlink", 4)["target_ratio"] < target_ratio("ib", 4)["target_ratio"] / 5
 

@@ -348,7 +348,7 @@ class Calibration:
         m = self.match
         if m:
             line += (
-                f"; target {m['target']}: comm/compute {m['target_ratio']:.3f}, bench DSP "
+                f"; target {m['target_workload']}: comm/compute {m['target_ratio']:.3f}, bench DSP "
                 f"{m.get('bench_ratio', float('nan')):.3f} ({m['bench_bytes'] / 2**20:.1f} MiB "
                 f"per rank over {m['bench_compute_s']:.3f} s of compute)"
             )

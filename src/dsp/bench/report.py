@@ -155,6 +155,7 @@ def markdown(meta: dict, results: List[dict], title: str = "dsp bench") -> str:
             f"{_kib(r['bytes_sent_grad_sync'])} | {_kib(r['saved_activation_bytes'])} | "
             f"{(r['peak_rss_bytes'] or 0) / 2**20:.0f} | {r['error'] or ''} |"
         )
+    lines += _match_lines(meta) + _vs_single_lines(results)
     sp = speedups(results)
     if sp:
         lines += [
@@ -188,6 +189,57 @@ def markdown(meta: dict, results: List[dict], title: str = "dsp bench") -> str:
                 f"{b['dsp_s']:.3f} | {b['ratio']:.2f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _match_lines(meta: dict) -> List[str]:
+    """The workload match of each emulated world size (dsp.bench.target)."""
+    per = meta.get("link", {}).get("per_world_size", {})
+    rows = [(int(n), m) for n, m in per.items() if m.get("target_ratio")]
+    if not rows:
+        return []
+    out = [
+        "",
+        "## The workload the link stands for",
+        "",
+        "DSP's communication / compute time: the target's as `dsp simulate` predicts it, and "
+        "this run's at calibration (DSP's bytes at the achieved rate over its measured compute)",
+        "",
+        "| N | target | target ratio | bench ratio | achieved | peak-FLOP/s calibration "
+        "would set |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n, m in sorted(rows):
+        out.append(
+            f"| {n} | {m.get('target_workload', m.get('target'))} | {m['target_ratio']:.3f} | "
+            f"{m.get('bench_ratio', 0):.3f} | "
+            f"{m['achieved_bytes_per_s'] / 1e6:.1f} MB/s | {m['peak_rate'] / 1e6:.2f} MB/s |"
+        )
+    return out
+
+
+def _vs_single_lines(results: List[dict]) -> List[str]:
+    """Each configuration's throughput over one process's at the same size (``--single``)."""
+    key = ("model", "frames", "height", "width", "batch", "mode", "depth", "hidden", "heads")
+    single = {
+        tuple(r.get(k) for k in key): r["samples_per_s"]
+        for r in results
+        if r["strategy"] == "none" and r["world_size"] == 1 and r["samples_per_s"]
+    }
+    rows = [
+        (r, r["samples_per_s"] / single[tuple(r.get(k) for k in key)])
+        for r in results
+        if r["world_size"] > 1 and r["samples_per_s"] and tuple(r.get(k) for k in key) in single
+    ]
+    if not rows:
+        return []
+    out = ["", "## Throughput over one process", "", "| N | T x H x W | strategy | x one process |"]
+    out.append("|---|---|---|---|")
+    for r, x in rows:
+        out.append(
+            f"| {r['world_size']} | {r['frames']}x{r['height']}x{r['width']} | {r['strategy']} | "
+            f"{x:.2f}x |"
+        )
+    return out
 
 
 def plot(results: List[dict], out_dir: str, prefix: str = "") -> List[str]:

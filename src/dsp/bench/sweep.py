@@ -95,7 +95,38 @@ def run_sweep(
         ref = max(group, key=lambda c: (c.strategy != "none", c.frames * c.height * c.width))
         with _pools_for(n, link, ref, target) as (get, meta):
             links[n] = meta
-            for row in run_configs(group, get, on_result):
+            get_measured, on_measured = _flops_around(get, on_result)
+            for row in run_configs(group, get_measured, on_measured):
                 row["link"] = meta.get("description")
                 rows.append(row)
     return rows, links
+
+
+def _flops_around(get, on_result):
+    """Wrap (pool_for, on_result) so that each config's row carries ``cpu_flops_per_rank``:
+    the mean of a short matmul measurement on its pool right before and right after it (the
+    machine's load changes from one config to the next; ``dsp simulate --from-bench`` uses it).
+    """
+    from dsp.bench.calibrate import measure_cpu_flops
+
+    state = {}
+
+    def measure(pool):
+        try:
+            return measure_cpu_flops(pool=pool, per_sample=8, samples=3)
+        except Exception:  # noqa: BLE001 - a broken pool: the config records its own error
+            return None
+
+    def get_measured(n):
+        state["pool"] = pool = get(n)
+        state["before"] = measure(pool)
+        return pool
+
+    def on_measured(row):
+        pool = state.get("pool")
+        after = measure(pool) if pool is not None and not pool.broken else None
+        both = [v for v in (state.get("before"), after) if v]
+        row["cpu_flops_per_rank"] = sum(both) / len(both) if both else None
+        on_result(row)
+
+    return get_measured, on_measured

@@ -70,7 +70,7 @@ def target_ratio(link: str, n: int, target: TargetWorkload = TargetWorkload()) -
     """DSP's communication : compute time ratio of ``target`` on ``n`` GPUs over ``link``."""
     rec = simulate(target.workload(n), target.cluster(link, n), overlap_dp=False)
     return {
-        "target": target.describe(link),
+        "target_workload": target.describe(link),
         "target_compute_s": rec["compute_s"],
         "target_comm_s": rec["exposed_comm_s"],
         "target_ratio": rec["exposed_comm_s"] / rec["compute_s"],

@@ -2,6 +2,7 @@
 
 Layers (imports go downwards): ``shapes`` (a model's widths, read from the model) and
 ``hardware`` (GPUs, links, clusters) -> ``workload`` -> ``flops``, ``volume``, ``memory`` ->
-``step`` (step time, throughput, fits) -> ``search`` (the best mesh) and ``frombench``
-(predict a ``dsp bench`` run). Nothing runs at import.
+``step`` (step time, throughput, fits; ``comm_seconds`` / ``compute_seconds`` for planners)
+-> ``search`` (the best mesh), ``frombench`` (predict a ``dsp bench`` run), ``report``.
+Nothing runs at import; ``from dsp.sim.step import simulate`` etc. See docs/simulate.md.
 """

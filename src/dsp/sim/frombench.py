@@ -4,10 +4,12 @@ The "cluster" is the benchmark machine: one GPU per rank whose FLOP/s is the run
 fp32 matmul rate per rank (``cpu_flops_per_rank``, all ranks busy) times one efficiency, and
 a link with the run's rates:
 
+* the matmul rate: the row's own ``cpu_flops_per_rank`` (measured on its pool right before
+  and after that configuration, so that it follows the machine's changing load), else the
+  world size's calibration figure;
 * efficiency: how much of the matmul rate a whole training step achieves, from the run's
-  single-process reference (``--single``: FLOPs of one step / its median time / the matmul
-  rate of one rank on its own core, i.e. the largest per-rank rate the run measured); a run
-  without it uses :data:`CPU_EFFICIENCY`;
+  single-process reference (``--single``: FLOPs of one step / its median time / its matmul
+  rate); a run without it uses :data:`CPU_EFFICIENCY`;
 * emulated link: bandwidth = the configured tbf rate (what a one-way ring step gets), all-to-all
   efficiency = achieved / configured (gloo's all-to-all over a slow link is about
   half-duplex, see :func:`dsp.bench.calibrate.measure_alltoall_bandwidth`);
@@ -74,23 +76,33 @@ def _efficiency(data: dict) -> Tuple[float, str]:
     links = _links(data["meta"])
     rates = [v["cpu_flops_per_rank"] for v in links.values() if v.get("cpu_flops_per_rank")]
     single = [r for r in data["results"] if r["strategy"] == "none" and r["step_time_s"]]
-    if not single or not rates:
+    if not single or not (rates or all(r.get("cpu_flops_per_rank") for r in single)):
         return CPU_EFFICIENCY, f"default {CPU_EFFICIENCY} (no single-process reference)"
-    effs = []
+    effs, used = [], []
     for r in single:
+        flops = r.get("cpu_flops_per_rank") or max(rates)
         w = bench_workload(r)
-        effs.append(step_flops(w, attn_bwd=2.0)["total"] / r["step_time_s"]["median"] / max(rates))
+        effs.append(step_flops(w, attn_bwd=2.0)["total"] / r["step_time_s"]["median"] / flops)
+        used.append(flops)
     eff = statistics.median(effs)
-    return eff, f"{eff:.3f} from the single-process step(s) and {max(rates) / 1e9:.1f} GFLOP/s"
+    return eff, (
+        f"{eff:.3f} from the single-process step(s) at "
+        + ", ".join(f"{f / 1e9:.1f}" for f in used)
+        + " GFLOP/s"
+    )
 
 
-def bench_cluster(meta: dict, n: int, efficiency: float) -> Cluster:
+def bench_cluster(meta: dict, n: int, efficiency: float, flops: Optional[float] = None) -> Cluster:
     """The benchmark machine as an ``n``-rank :class:`Cluster` (see the module doc)."""
     links = _links(meta)
     link = links.get(n, {})
-    flops = link.get("cpu_flops_per_rank") or max(
-        (v["cpu_flops_per_rank"] for v in links.values() if v.get("cpu_flops_per_rank")),
-        default=None,
+    flops = (
+        flops
+        or link.get("cpu_flops_per_rank")
+        or max(
+            (v["cpu_flops_per_rank"] for v in links.values() if v.get("cpu_flops_per_rank")),
+            default=None,
+        )
     )
     if flops is None:
         raise ValueError(
@@ -113,7 +125,8 @@ def predict_bench(data: dict) -> Tuple[List[dict], str]:
         if not row.get("step_time_s"):
             continue
         w = bench_workload(row, grad_sync)
-        pred = simulate(w, bench_cluster(data["meta"], w.sp, eff), overlap_dp=False, attn_bwd=2.0)
+        c = bench_cluster(data["meta"], w.sp, eff, row.get("cpu_flops_per_rank"))
+        pred = simulate(w, c, overlap_dp=False, attn_bwd=2.0)
         measured = row["step_time_s"]["median"]
         pred.update(
             measured_step_s=measured,
@@ -121,6 +134,7 @@ def predict_bench(data: dict) -> Tuple[List[dict], str]:
             error=None,
             ratio=pred["step_time_s"]["median"] / measured,
             measured_bytes=(row["bytes_sent_forward"], row["bytes_sent_backward"]),
+            cpu_flops_per_rank=c.gpu.peak_flops,
         )
         out.append(pred)
     return out, note
@@ -139,14 +153,15 @@ def comparison(path: str, data: Optional[dict] = None) -> str:
         f"- link: {link}",
         f"- step efficiency (step FLOP/s / matmul FLOP/s): {note}",
         "",
-        "| strategy | N | T x H x W | compute s | comm s | predicted s | measured s | "
-        "predicted / measured |",
-        "|---|---|---|---|---|---|---|---|",
+        "| strategy | N | T x H x W | GFLOP/s/rank | compute s | comm s | predicted s | "
+        "measured s | predicted / measured |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['strategy']} | {r['world_size']} | {r['frames']}x{r['height']}x{r['width']} | "
-            f"{r['compute_s']:.3f} | {r['exposed_comm_s']:.3f} | {r['predicted_step_s']:.3f} | "
+            f"{r['cpu_flops_per_rank'] / 1e9:.1f} | {r['compute_s']:.3f} | "
+            f"{r['exposed_comm_s']:.3f} | {r['predicted_step_s']:.3f} | "
             f"{r['measured_step_s']:.3f} | {r['ratio']:.2f} |"
         )
     return "\n".join(lines) + "\n"

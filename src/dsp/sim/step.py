@@ -25,7 +25,7 @@ from dsp.sim.memory import memory_bytes
 from dsp.sim.volume import Transfer, transfers
 from dsp.sim.workload import Workload
 
-__all__ = ["transfer_time", "simulate", "simulate_many"]
+__all__ = ["comm_seconds", "compute_seconds", "transfer_time", "simulate", "simulate_many"]
 
 _A2A = ("a2a", "all_gather", "reduce_scatter")
 
@@ -37,6 +37,18 @@ def transfer_time(t: Transfer, cluster: Cluster) -> float:
     link = cluster.link_for(t.span)
     eff = link.a2a_efficiency if t.kind in _A2A else 1.0
     return t.calls * link.latency + t.bytes / (link.bandwidth * eff)
+
+
+def comm_seconds(cluster: Cluster, kind: str, nbytes: float, *, span: int, calls: int = 1) -> float:
+    """Seconds to send ``nbytes`` per rank in ``calls`` collectives of ``kind`` (``"a2a"``,
+    ``"all_gather"``, ``"reduce_scatter"``, ``"p2p"``, ``"allreduce"``) over ``span``
+    consecutive ranks: the hook a byte-counting planner calls to rank its choices by time."""
+    return transfer_time(Transfer(kind, "forward", nbytes, calls, span, ""), cluster)
+
+
+def compute_seconds(cluster: Cluster, flops: float) -> float:
+    """Seconds for ``flops`` at the cluster's achieved FLOP/s per GPU."""
+    return flops / cluster.gpu.flops
 
 
 def _ranks(w: Workload) -> List[int]:
