@@ -125,7 +125,13 @@ def run(args) -> int:
     quick = args.quick
     link = args.link or ("none" if quick else "ib")
     if link != "none" and link not in TARGETS:
-        parse_rate(link)  # a ValueError naming the rate before any rank starts
+        try:
+            parse_rate(link)
+        except ValueError as e:  # before any rank starts
+            raise ValueError(
+                f"--link {link!r}: expected none, {', '.join(TARGETS)} or a rate such as "
+                f"25MB/s ({e})"
+            ) from None
     model = "stdit-tiny"
     overrides = {} if quick else {"hidden": 128, "heads": 8, "depth": 2}
     frames, hw = (8, 16) if quick else (16, 32)

@@ -254,6 +254,9 @@ def run(args) -> int:
                 f"--world-size {args.world_size} but torchrun started {world} processes"
             )
     else:
+        for name, degree in (("dp", cfg.dp), ("sp", cfg.sp)):
+            if degree is not None and degree < 1:
+                raise ValueError(f"--{name} must be >= 1, got {degree}")
         world = local_world(args.world_size, (cfg.dp, cfg.sp))
         check_local_world(world, force=args.force)
     dims = ParallelDims.resolve(("dp", "sp"), (cfg.dp, cfg.sp), world)
