@@ -29,3 +29,14 @@ def test_matched_rate_reproduces_the_ratio():
     assert 0 < bench["efficiency"] and bench["bytes"] > 0
     rate = matched_rate(0.25, bench)
     assert bench["bytes"] / rate / bench["compute_s"] == pytest.approx(0.25)
+
+
+def test_bench_target_flags():
+    from dsp.cli.bench import target_from_args
+    from dsp.cli.main import build_parser
+
+    args = build_parser().parse_args(
+        ["bench", "--link", "ib", "--target-model", "stdit-xxl/2", "--target-tokens", "32x48"]
+    )
+    t = target_from_args(args)
+    assert (t.model, t.tokens_h, t.tokens_w, t.frames) == ("stdit-xxl/2", 32, 48, 64)

@@ -71,7 +71,19 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--link",
         default="none",
-        help="none | nvlink | ib | RATE (e.g. 25MB/s, 200mbit): emulated interconnect",
+        help="none | nvlink | ib | RATE (e.g. 25MB/s, 200mbit): emulated interconnect; ib and "
+        "nvlink give DSP the communication:compute time ratio dsp simulate predicts for the "
+        "--target-* workload on that link (same N)",
+    )
+    p.add_argument("--target-model", default="stdit-xl/2", help="workload the link stands for")
+    p.add_argument("--target-frames", type=int, default=64, help="its frames (after patchify)")
+    p.add_argument("--target-tokens", default="64x64", help="its spatial tokens per frame, HxW")
+    p.add_argument("--target-gpu", default="h100", help="its GPU type (dsp.sim.hardware.GPUS)")
+    p.add_argument("--target-mfu", type=float, default=None, help="its achieved fraction of peak")
+    p.add_argument(
+        "--target-activation-checkpointing",
+        action="store_true",
+        help="the target recomputes activations (adds compute and DSP's forward switches)",
     )
     add_job_flags(p, timeout=600, what="sweep")
     p.add_argument("--json", default=None, help="write {meta, results} JSON here")
@@ -124,6 +136,22 @@ def configs_from_args(args):
             width=args.width,
         )
     return configs
+
+
+def target_from_args(args):
+    """The :class:`~dsp.bench.target.TargetWorkload` of the ``--target-*`` flags."""
+    from dsp.bench.target import TargetWorkload
+
+    h, _, w = args.target_tokens.lower().partition("x")
+    return TargetWorkload(
+        model=args.target_model,
+        frames=args.target_frames,
+        tokens_h=int(h),
+        tokens_w=int(w or h),
+        gpu=args.target_gpu,
+        mfu=args.target_mfu,
+        activation_checkpointing=args.target_activation_checkpointing,
+    )
 
 
 def check_flags(args) -> None:
@@ -192,7 +220,7 @@ def run(args) -> int:
     configs = configs_from_args(args)
     bar, tick = progress(len(configs))
     with bar if bar is not None else _null():
-        rows, links = run_sweep(configs, args.link, tick)
+        rows, links = run_sweep(configs, args.link, tick, target=target_from_args(args))
     meta = environment()
     meta.update(
         command="dsp bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
