@@ -105,3 +105,45 @@ def test_ctrl_c_names_the_intact_checkpoint(tmp_path):
     assert verify_checkpoint(named) is None, "the checkpoint it names is intact"
     assert "Traceback" not in out and took <= 10
     assert no_ranks_left(job.pid) == [] and no_tmp(ckpt) == []
+
+
+def _namespaces_of(pid: int) -> list:
+    from dsp.bench.link import list_namespaces
+
+    return [n for n in list_namespaces() if f"-{pid}-" in n]
+
+
+def _netns_ok() -> bool:
+    from dsp.bench.link import netns_available
+
+    return netns_available()[0]
+
+
+@pytest.mark.skipif(not _netns_ok(), reason="network namespaces need root and iproute2")
+def test_bench_link_launcher_is_killed(tmp_path):
+    """SIGKILL of `dsp bench --link`: its ranks die with it, its watchdog deletes the three
+    namespaces (and kills anything left inside), no semaphore is left."""
+    before = shm_entries()
+    job = Dsp(["bench", "--link", "25MB/s", "--world-size", "2", "--strategy", "dsp",
+               "--frames", "4", "--height", "8", "--width", "8", "--hidden", "16", "--heads",
+               "2", "--depth", "1", "--repeats", "100000", "--out", str(tmp_path)])  # fmt: skip
+    try:
+        ranks = job.ranks(2)
+        deadline = time.monotonic() + 60
+        while len(_namespaces_of(job.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        names = _namespaces_of(job.pid)
+        assert len(names) == 3, job.output[-3000:]
+        time.sleep(1)
+        job.signal(signal.SIGKILL)
+        start = time.monotonic()
+        left = no_ranks_left(job.pid, wait=BOUND)
+        while _namespaces_of(job.pid) and time.monotonic() - start < BOUND:
+            time.sleep(0.1)
+        took = time.monotonic() - start
+    finally:
+        job.kill()
+    _record(tmp_path, "bench --link launcher SIGKILL", took)
+    assert left == [] and _namespaces_of(job.pid) == [], (ranks, left)
+    assert took <= 10
+    assert leaked_shm(before) == set()
