@@ -50,6 +50,12 @@ def add_parser(sub) -> None:
     p.add_argument("--ulysses-degree", type=int, default=None, help="usp: Ulysses degree")
     p.add_argument("--memory-limit", type=float, default=None, help="GiB per GPU (default: GPU)")
     p.add_argument("--search", action="store_true", help="best sp / mesh / placement per size")
+    p.add_argument(
+        "--objective",
+        choices=["time", "bytes"],
+        default="time",
+        help="--search: rank by predicted time per sample, or by bytes per rank (for comparison)",
+    )
     p.add_argument("--from-bench", default=None, help="predict a dsp bench JSON")
     p.add_argument("--json", default=None, help="write {meta, results} JSON here")
     p.add_argument("--out", default=None, help="directory for plots (default: beside --json)")
@@ -89,7 +95,13 @@ def _rows(args, c):
                     for wd in args.width:
                         w0 = dataclasses.replace(base, model=model, frames=f, height=h, width=wd)
                         if args.search:
-                            best = search(w0, cg, strategies=args.strategy, memory_limit=limit)
+                            best = search(
+                                w0,
+                                cg,
+                                strategies=args.strategy,
+                                memory_limit=limit,
+                                objective=args.objective,
+                            )
                             rows += best[:1]
                             continue
                         for s in args.strategy:
@@ -132,7 +144,9 @@ def run(args) -> int:
         for r in rows:
             print(
                 f"best for {r['model']} T={r['frames']} on {r['world_size']} GPUs: "
-                f"{r['strategy']} sp={r['sp']} dp={r['dp']} {r['placement']}"
+                f"{r['strategy']} sp={r['sp']} dp={r['dp']} {r['placement']}: "
+                f"{r['samples_per_s']:.3g} samples/s, "
+                f"{(r['bytes_sent_forward'] + r['bytes_sent_backward']) / 2**20:.0f} MiB/rank"
             )
     fit = longest_fitting(rows)
     if fit and len(args.frames) > 1:

@@ -128,10 +128,13 @@ def search(
     strategies: Sequence[str] = ("dsp", "ulysses", "ring", "megatron_sp", "usp"),
     sp_degrees: Optional[Sequence[int]] = None,
     memory_limit: Optional[float] = None,
+    objective: str = "time",
 ) -> List[Dict]:
     """Every (strategy, sp, placement) on all of ``cluster``'s GPUs, best first (see the
     module doc). Each record is :func:`dsp.sim.step.simulate`'s plus ``placement`` and
-    ``time_per_sample_s``; records that do not fit sort after all that do."""
+    ``time_per_sample_s``; records that do not fit sort after all that do. ``objective=
+    "bytes"`` ranks by the strategy's bytes per rank instead (a bytes-only planner's choice,
+    for comparison)."""
     g = cluster.gpus
     degrees = sp_degrees or [d for d in range(1, g + 1) if g % d == 0]
     out = []
@@ -155,5 +158,8 @@ def search(
                 rec["placement"] = placement
                 rec["time_per_sample_s"] = 1 / rec["samples_per_s"]
                 out.append(rec)
-    out.sort(key=lambda r: (not r["fits"], r["time_per_sample_s"]))
+    if objective == "bytes":  # what a bytes-only planner would pick: fewest bytes per rank
+        out.sort(key=lambda r: (not r["fits"], r["bytes_sent_forward"] + r["bytes_sent_backward"]))
+    else:
+        out.sort(key=lambda r: (not r["fits"], r["time_per_sample_s"]))
     return out
