@@ -13,7 +13,9 @@ Used by :class:`dsp.launch.RankPool` (and the torchrun path of the ``dsp`` comma
 * :func:`describe_exit`: ``"SIGKILL"`` / ``"exit code 3"``;
 * :func:`sweep_orphans`: kill local ranks whose launcher is gone (marked by
   ``DSP_RANK_OWNER=<pid>`` in their environment), e.g. ranks started before this version;
-* :func:`check_local_world`: refuse local world sizes this machine cannot hold.
+* :func:`check_local_world`: refuse local world sizes this machine cannot hold;
+* :class:`StoreHeartbeats`: the same idea under torchrun, through the job's TCPStore, so that
+  a rank whose collective timed out can name the rank that stopped answering.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "OWNER_ENV",
     "RANK_ENV",
     "Heartbeats",
+    "StoreHeartbeats",
     "check_local_world",
     "describe_exit",
     "die_with_parent",
@@ -215,3 +218,53 @@ def check_local_world(world_size: int, *, force: bool = False, flag: str = "--wo
         f"ranks ({world_size} need about {need:.0f} GiB); use fewer, torchrun across "
         "machines, or --force to start them anyway"
     )
+
+
+class StoreHeartbeats:
+    """Heartbeats of torchrun workers: counters in the job's TCPStore (``MASTER_ADDR:PORT``).
+
+    Each rank's thread adds 1 to its counter twice a second over a client connection of its
+    own. :meth:`silent` reads every counter twice, ``wait`` seconds apart (no clocks to
+    compare across hosts): the ranks whose counter did not move are stopped, dead or wedged.
+    """
+
+    period = 0.5
+
+    def __init__(self, rank: int, world_size: int):
+        from datetime import timedelta
+
+        from torch.distributed import TCPStore
+
+        self.rank, self.world_size = rank, world_size
+        self._addr = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+        run = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self._prefix = f"dsp/heartbeat/{run}/{attempt}/"
+        self._client = lambda: TCPStore(
+            *self._addr, is_master=False, timeout=timedelta(seconds=5), wait_for_workers=False
+        )
+        store = self._client()
+
+        def beat():
+            key = f"{self._prefix}{rank}"
+            while True:
+                try:
+                    store.add(key, 1)
+                except Exception:  # noqa: BLE001 - the store's host is gone: nothing to tell
+                    return
+                time.sleep(self.period)
+
+        threading.Thread(target=beat, name="dsp-heartbeat", daemon=True).start()
+
+    def silent(self, wait: float = 2.0) -> Optional[List[int]]:
+        """Ranks (other than this one) whose heartbeat stopped; ``None`` if the store itself
+        does not answer (its host, torchrun's agent or rank 0, is gone or stopped)."""
+        try:
+            store = self._client()
+            keys = [f"{self._prefix}{r}" for r in range(self.world_size)]
+            first = [store.add(k, 0) for k in keys]
+            time.sleep(wait)
+            second = [store.add(k, 0) for k in keys]
+        except Exception:  # noqa: BLE001
+            return None
+        return [r for r in range(self.world_size) if r != self.rank and first[r] == second[r]]

@@ -190,12 +190,16 @@ def run_job(fn, cfg, world: int, args):
     process group is destroyed afterwards, also when ``fn`` raises.
     """
     if under_torchrun():
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        heartbeats = _heartbeats(rank, world_size)
         try:
             result = fn(cfg)
+        except Exception as e:
+            raise _attributed(e, heartbeats, rank) from e
         finally:
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
-        return result if int(os.environ["RANK"]) == 0 else None
+        return result if rank == 0 else None
     if world == 1:
         return fn(cfg)
     if args.device == "cuda":
@@ -209,6 +213,35 @@ def run_job(fn, cfg, world: int, args):
     timeout = default_timeout().total_seconds()  # --timeout / DSP_TIMEOUT (apply_timeout)
     with RankPool(world, timeout=timeout, threads=args.threads or 1) as pool:
         return pool.run(fn, cfg)[0]
+
+
+def _heartbeats(rank: int, world_size: int):
+    """Heartbeats through torchrun's store (None without one: MASTER_ADDR/PORT unset)."""
+    if world_size < 2 or "MASTER_ADDR" not in os.environ:
+        return None
+    from dsp.watchdog import StoreHeartbeats
+
+    try:
+        return StoreHeartbeats(rank, world_size)
+    except Exception:  # noqa: BLE001 - a job without heartbeats still runs
+        return None
+
+
+def _attributed(error: Exception, heartbeats, rank: int) -> Exception:
+    """A collective that timed out or lost its peer: name the ranks that stopped beating."""
+    from dsp.launch import _SECONDARY, _first_line
+
+    text = _first_line(f"{type(error).__name__}: {error}")
+    if heartbeats is None or not any(p in text for p in _SECONDARY):
+        return error
+    silent = heartbeats.silent()
+    if silent is None:
+        who = "torchrun's store does not answer (its host is gone or stopped)"
+    elif silent:
+        who = ", ".join(f"rank {r}" for r in silent) + " stopped answering (no heartbeat)"
+    else:
+        return error
+    return CommandError(f"{who}; rank {rank} gave up: {text}", 1)
 
 
 def check_ckpt_flags(cfg) -> None:
