@@ -29,6 +29,8 @@ CASES = [
     (["bench", "--link", "nonsense"], "--link 'nonsense': expected none"),
     (["bench", "--world-size", "1000"], "--world-size 1000: this machine"),
     (["bench", "--world-size", "0"], "--world-size values must be >= 1"),
+    (["bench", "--world-size", "2", "--frames", "1"], "--frames 1 gives 1 patched frame(s) "
+     "for stdit-tiny, fewer than --world-size 2"),
     (["demo", "--world-size", "1"], "--world-size must be >= 2, got 1"),
     (["demo", "--link", "fast"], "cannot parse rate 'fast'"),
 ]  # fmt: skip

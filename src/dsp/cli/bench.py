@@ -175,6 +175,38 @@ def check_flags(args) -> None:
     if not args.world_size:
         raise ValueError("--world-size needs at least one value, e.g. 2,4")
     check_local_world(max(args.world_size), force=args.force)
+    check_shards(args)
+
+
+def check_shards(args) -> None:
+    """Every rank gets at least one patched frame and one patch: refused up front, instead of
+    a hang until the timeout (the strategies are not run with empty shards)."""
+    import torch
+
+    from dsp.models import build_model
+
+    n = max(args.world_size)
+    if n < 2:
+        return
+    for name in args.model:
+        try:
+            with torch.device("meta"):
+                pt, ph, pw = build_model(name).config.patch_size
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue  # not a video model with patches (or unknown: the sweep reports it)
+        for t in args.frames:
+            if t // pt < n:
+                raise ValueError(
+                    f"--frames {t} gives {t // pt} patched frame(s) for {name}, fewer than "
+                    f"--world-size {n}: every rank needs at least one; use --frames >= {n * pt}"
+                )
+        for h in args.height:
+            for w in args.width:
+                if (h // ph) * (w // pw) < n:
+                    raise ValueError(
+                        f"--height {h} x --width {w} gives {(h // ph) * (w // pw)} patch(es) "
+                        f"per frame for {name}, fewer than --world-size {n}"
+                    )
 
 
 def progress(total: int):
@@ -205,7 +237,8 @@ def progress(total: int):
                 f"{st['median']:.3f} s/step, {human_bytes(row['bytes_sent_forward'])} fwd"
                 if st
                 else f"error: {row['error']}"
-            )
+            ),
+            markup=False,  # errors quote "[file.cc:129]", which rich would read as a tag
         )
         bar.advance(task)
 
