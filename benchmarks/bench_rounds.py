@@ -1,0 +1,107 @@
+"""``dsp bench`` in interleaved rounds, for a machine whose load changes under the benchmark.
+
+    python benchmarks/bench_rounds.py --rounds 5 -- --link ib --world-size 2,4 \
+        --strategy dsp,ulysses --frames 16 --height 32 --width 32 --single --json out.json
+
+Everything after ``--`` is ``dsp bench``'s flags. Per world size the pool (and the emulated
+link, calibrated once) is set up once; then every configuration runs one warm-up and one
+timed step per round, round after round, in a rotated order, so that a burst of load from
+other processes falls on all configurations alike instead of on whichever ran at the time.
+A row's step time is the median over rounds, its ``cpu_flops_per_rank`` the median of the
+measurements around its rounds. Output as ``dsp bench`` (JSON schema of docs/benchmarks.md,
+markdown, plots) plus ``meta.rounds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+import statistics
+import sys
+from itertools import groupby
+
+from dsp.bench.report import environment, markdown, plot, write_json
+from dsp.bench.runner import run_configs
+from dsp.bench.sweep import _flops_around, _pools_for
+from dsp.cli.bench import configs_from_args, target_from_args
+from dsp.cli.main import build_parser
+
+
+def merge(rows):
+    """One row from the per-round rows of one configuration."""
+    ok = [r for r in rows if r["step_time_s"]]
+    if not ok:
+        return rows[0]
+    times = [t for r in ok for t in r["step_time_s"]["all"]]
+    med = statistics.median(times)
+    row = dict(ok[0])
+    flops = [r["cpu_flops_per_rank"] for r in ok if r.get("cpu_flops_per_rank")]
+    row.update(
+        repeats=len(times),
+        step_time_s={"median": med, "min": min(times), "max": max(times), "all": times},
+        samples_per_s=row["batch"] / med,
+        tokens_per_s=row["tokens"] / med,
+        cpu_flops_per_rank=statistics.median(flops) if flops else None,
+    )
+    return row
+
+
+def run(args, rounds: int):
+    configs = [dataclasses.replace(c, repeats=1) for c in configs_from_args(args)]
+    target = target_from_args(args)
+    rows, links = [], {}
+    for n, group in groupby(sorted(configs, key=lambda c: c.world_size), lambda c: c.world_size):
+        group = list(group)
+        ref = max(group, key=lambda c: (c.strategy != "none", c.frames * c.height * c.width))
+        with _pools_for(n, args.link, ref, target) as (get, meta):
+            links[n] = meta
+            per = {i: [] for i in range(len(group))}
+            for k in range(rounds):
+                order = list(range(len(group)))
+                order = order[k % len(order) :] + order[: k % len(order)]
+                get_m, on_m = _flops_around(get, lambda r: None)
+                for i, row in zip(order, run_configs([group[i] for i in order], get_m, on_m)):
+                    per[i].append(row)
+                print(f"N={n}: round {k + 1}/{rounds} done", flush=True)
+            for i in range(len(group)):
+                row = merge(per[i])
+                row["link"] = meta.get("description")
+                rows.append(row)
+    return rows, links
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("bench", nargs=argparse.REMAINDER, help="-- then dsp bench flags")
+    a = ap.parse_args()
+    flags = a.bench[1:] if a.bench[:1] == ["--"] else a.bench
+    args = build_parser().parse_args(["bench", *flags])
+    rows, links = run(args, a.rounds)
+    meta = environment()
+    meta.update(
+        command="python benchmarks/bench_rounds.py --rounds "
+        f"{a.rounds} -- " + " ".join(shlex.quote(f) for f in flags),
+        rounds=a.rounds,
+        link={
+            "setting": args.link,
+            "per_world_size": links,
+            "description": "; ".join(f"N={n}: {m.get('description')}" for n, m in links.items()),
+        },
+        config=vars(args) | {"func": None},
+    )
+    out_dir = args.out or os.path.dirname(os.path.abspath(args.json))
+    stem = os.path.splitext(os.path.basename(args.json))[0]
+    write_json(args.json, meta, rows)
+    md = markdown(meta, rows)
+    with open(os.path.join(out_dir, stem + ".md"), "w") as f:
+        f.write(md)
+    plot(rows, out_dir, prefix=stem + "_")
+    print(md)
+    return 0 if all(not r["error"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
