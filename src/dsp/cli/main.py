@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -34,11 +35,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     from dsp.cli.errors import report
+    from dsp.mesh import TIMEOUT_ENV
 
+    saved = os.environ.get(TIMEOUT_ENV)  # the command exports its --timeout; callers keep theirs
     try:
         return int(args.func(args) or 0)
     except (Exception, KeyboardInterrupt) as e:  # one clear line; a traceback with --debug
         return report(args, e)
+    finally:
+        if saved is None:
+            os.environ.pop(TIMEOUT_ENV, None)
+        else:
+            os.environ[TIMEOUT_ENV] = saved
 
 
 if __name__ == "__main__":
