@@ -254,8 +254,9 @@ class RankPool:
     as ``rank R (pid P) stopped answering``; the other ranks' errors that follow from it are
     folded under it; the remaining ranks are killed and the pool is retired (``broken``).
     A run that fails never waits longer than ``timeout + 30`` seconds after the failure.
-    Ranks die with the launcher (``PR_SET_PDEATHSIG``), and every new pool first kills ranks
-    whose launcher is gone (:func:`dsp.watchdog.sweep_orphans`).
+    Ranks die with the launcher (``PR_SET_PDEATHSIG``; the kernel ties it to the creating
+    *thread*, so create a pool in a thread that outlives it, e.g. the main thread), and every
+    new pool first kills ranks whose launcher is gone (:func:`dsp.watchdog.sweep_orphans`).
     """
 
     def __init__(

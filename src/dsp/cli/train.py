@@ -304,6 +304,8 @@ def run(args) -> int:
     try:
         result = run_job(_train_rank, cfg, world, args)
     except KeyboardInterrupt:
+        if under_torchrun() and int(os.environ["RANK"]) != 0:  # rank 0 speaks for the job
+            raise CommandError("interrupted", 130) from None
         raise CommandError(interrupted(cfg.ckpt_dir), 130) from None
     if result is None:
         return 0
