@@ -50,8 +50,9 @@ def longest_fitting(rows: List[dict]) -> List[dict]:
 
 
 def plot(rows: List[dict], out_dir: str, prefix: str = "") -> List[str]:
-    """Throughput and memory per GPU against GPUs and against frames, a line per strategy
-    (one panel per model and the other variable's values). Returns the PNG paths."""
+    """Throughput (where it fits) and memory per GPU (the limit dashed) against GPUs and
+    against frames, a line per strategy (a panel per model and value of the other variable).
+    Returns the PNG paths."""
     try:
         import matplotlib
 
@@ -77,7 +78,10 @@ def plot(rows: List[dict], out_dir: str, prefix: str = "") -> List[str]:
             for s in sorted({r["strategy"] for r in sel}):
                 pts = sorted((r[x], r) for r in sel if r["strategy"] == s)
                 xs = [p[0] for p in pts]
-                axes[0][j].plot(xs, [p[1]["samples_per_s"] for p in pts], marker="o", label=s)
+                fit = [p for p in pts if p[1]["fits"]]  # throughput only where it fits
+                axes[0][j].plot(
+                    [p[0] for p in fit], [p[1]["samples_per_s"] for p in fit], marker="o", label=s
+                )
                 axes[1][j].plot(
                     xs, [p[1]["memory_per_gpu_bytes"] / 2**30 for p in pts], marker="o", label=s
                 )
