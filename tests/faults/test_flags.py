@@ -69,3 +69,14 @@ def test_every_group_gets_the_timeout(monkeypatch):
         assert got["world"] == timedelta(seconds=7)
         assert got["dp"] == got["sp"] == timedelta(seconds=7)
         assert got["all"] and set(got["all"]) == {timedelta(seconds=3)}, got
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "bench", "demo"])
+def test_help_lists_the_failure_flags(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for flag in ("--timeout SECONDS", "--force", "--debug", "DSP_TIMEOUT", "timeout + 30 s"):
+        assert flag in out, (command, flag)
+    if command == "train":
+        assert "--resume [{auto,required}]" in out
