@@ -13,6 +13,7 @@ replicated gradient) gives the single-process gradients.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -64,6 +65,12 @@ class Parallelized:
         for hook in self.hooks:
             mod = mods[hook.module]
             args = Args(mod)
+            inside = tuple(a for a in hook.acts if a.op in ("attend", "buffers"))
+            if inside and hook.side == "pre":  # around the module's own forward (see _Around)
+                self.handles.append(_Around(mod, inside, rt))
+            hook = Hook(hook.module, hook.side, tuple(a for a in hook.acts if a not in inside))
+            if not hook.acts:
+                continue
             if hook.side == "pre":
                 self.handles.append(
                     mod.register_forward_pre_hook(_pre(hook, args, rt, mod), with_kwargs=True)
@@ -109,12 +116,6 @@ class Parallelized:
 def _pre(hook: Hook, sig: Args, rt: Runtime, mod: nn.Module):
     def run(_mod, args, kwargs):
         for act in hook.acts:
-            if act.op == "attend":
-                rt.push_attend(act)
-                continue
-            if act.op == "buffers":
-                rt.slice_buffer(mod, act)
-                continue
             x = sig.get(args, kwargs, act.key)
             if x is MISSING or x is None:
                 continue
@@ -133,16 +134,9 @@ def _pre(hook: Hook, sig: Args, rt: Runtime, mod: nn.Module):
 
 def _post(hook: Hook, rt: Runtime, mod: nn.Module, mods):
     def run(_mod, _args, out):
-        for act in hook.acts:
-            if act.op == "attend":
-                rt.pop_attend(act)
-            elif act.op == "buffers":
-                rt.restore_buffer(mod, act)
-        if out is None:
+        if out is None:  # the forward raised (always_call): nothing to convert
             return None
         for act in hook.acts:
-            if act.op in ("attend", "buffers"):
-                continue
             what = f"{hook.module!r} output" + ("" if act.key is None else f" {act.key}")
             if act.key is None:
                 out = rt.run(act, out, what, bias=_bias(act, mods))
@@ -152,6 +146,39 @@ def _post(hook: Hook, rt: Runtime, mod: nn.Module, mods):
         return out
 
     return run
+
+
+class _Around:
+    """Wraps ``module.forward`` so that its attentions are rerouted and its buffers sliced
+    *inside* the forward: a recomputation by activation checkpointing (which re-runs the
+    forward, not the hooks around it) does the same. Removed with the other hooks."""
+
+    def __init__(self, mod: nn.Module, acts, rt: Runtime):
+        self.mod = mod
+        inner = mod.forward
+
+        @functools.wraps(inner)
+        def forward(*args, **kwargs):
+            entered = []
+            try:
+                for act in acts:
+                    if act.op == "attend":
+                        rt.push_attend(act)
+                    else:
+                        rt.slice_buffer(mod, act)
+                    entered.append(act)
+                return inner(*args, **kwargs)
+            finally:
+                for act in reversed(entered):
+                    if act.op == "attend":
+                        rt.pop_attend(act)
+                    else:
+                        rt.restore_buffer(mod, act)
+
+        mod.forward = forward
+
+    def remove(self) -> None:
+        self.mod.__dict__.pop("forward", None)
 
 
 def _bias(act: Act, mods) -> Optional[torch.Tensor]:

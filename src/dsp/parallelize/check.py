@@ -83,22 +83,6 @@ def check_plan(plan: Plan, model: nn.Module, decl: Optional[Declarations] = None
     for p in plan.params:
         if p.module not in names:
             raise _missing(p.module, "param style", model, names)
-    _check_arguments(decl, names)
-
-
-def _check_arguments(decl: Declarations, names) -> None:
-    """Every declared input must be an argument the module's forward takes."""
-    from dsp.parallelize.args import Args
-
-    for module, inputs in decl.inputs.items():
-        sig = Args(names[module])
-        for key in inputs:
-            if not sig.valid(key):
-                raise PlanError(
-                    f"module {module or '<root>'!r} ({type(names[module]).__name__}) declares "
-                    f"input {key!r}, but its forward takes {sig.positional}"
-                    + (" and **kwargs" if sig.varkw else "")
-                )
 
 
 def validate(

@@ -114,6 +114,8 @@ def stage_hooks(i: int, st: Stage, plan: Plan, decl: Declarations) -> List[Hook]
     runs_on = {"compute": st.shard, "local": r, "heads": r, "ring": r, "usp": r}.get(st.kind)
     pre: List[Act] = []
     post: List[Act] = []
+    if encloses(st.module, s):  # the model itself (or a parent of the entry): buffers only
+        main, extra = {}, {}
     for k, lay in main.items():
         if st.kind == "compute" and st.shard != r:
             pre.append(Act("switch", k, lay, r, st.shard, label))
@@ -166,6 +168,11 @@ def stage_hooks(i: int, st: Stage, plan: Plan, decl: Declarations) -> List[Hook]
     if post:
         hooks.append(Hook(st.module, "post", tuple(post)))
     return hooks
+
+
+def encloses(module: str, s: Stream) -> bool:
+    """Whether ``module`` contains the stream's entry (its forward runs around the region)."""
+    return module == "" or s.entry.startswith(module + ".")
 
 
 def _row_of(st: Stage, plan: Plan) -> Optional[str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from dsp.layout import LayoutError
-from dsp.parallelize.compile import Act, Hook, act_bytes, compile_plan
+from dsp.parallelize.compile import Act, Hook, act_bytes, compile_plan, encloses
 from dsp.parallelize.declared import Declarations
 from dsp.parallelize.plan import RUNS, Plan, PlanError, Stage
 from dsp.parallelize.trace import Call, TensorInfo, Trace
@@ -238,10 +238,15 @@ def simulate(
     active: List[Tuple[Call, Stage]] = []  # open stage calls (what each module runs on)
     ran = set()
     events = sorted(
-        [(c.start, 0, c) for c in trace.calls] + [(c.end, 1, c) for c in trace.calls],
+        [(c.start, 0, c) for c in trace.calls]
+        + [(c.end, 1, c) for c in trace.calls]
+        + [(clock, 2, (owner, attr)) for clock, owner, attr in trace.buffer_uses],
         key=lambda e: (e[0], e[1]),
     )
     for _clock, post, call in events:
+        if post == 2:
+            _check_buffer_use(call, plan, decl, rest, live, _clock)
+            continue
         if not post:
             for s in plan.streams:
                 if call.module == s.entry and call.start == live[s.name][0]:
@@ -254,6 +259,9 @@ def simulate(
             cost.add(hook.acts[0].label, f, b)
         if not post:
             for i, st in stages.get(call.module, ()):
+                if encloses(st.module, streams[st.stream]):
+                    ran.add(i)  # buffers only: checked where they are read (below)
+                    continue
                 if not _inside(call.start, live[st.stream]):
                     continue
                 ran.add(i)
@@ -288,9 +296,10 @@ def _inside(clock: int, span: Tuple[int, int]) -> bool:
 
 def _in_region(hook: Hook, call: Call, plan: Plan, live) -> bool:
     """Hooks act at every call of their module (as at run time): a stage's module that also
-    runs outside its stream's sharded region would act on a whole tensor, so it is an error."""
+    runs outside its stream's sharded region would act on a whole tensor, so it is an error
+    (buffers a parent slices around the region are the exception)."""
     label = hook.acts[0].label if hook.acts else ""
-    if label.startswith("stage "):
+    if label.startswith("stage ") and any(a.op != "buffers" for a in hook.acts):
         i = int(label.split()[1])
         st = plan.stages[i]
         if not _inside(call.start, live[st.stream]):
@@ -300,6 +309,25 @@ def _in_region(hook: Hook, call: Call, plan: Plan, live) -> bool:
                 "act on a whole tensor there"
             )
     return True
+
+
+def _check_buffer_use(use, plan: Plan, decl: Declarations, rest, live, clock: int) -> None:
+    """A declared buffer read while a stream is sharded on one of its dims must be sliced
+    there, by a ``local`` stage on its owner that rests where the stream rests."""
+    owner, attr = use
+    lay = (decl.buffers.get(owner) or {}).get(attr)
+    for s in plan.streams:
+        cur = rest[s.name]
+        if lay is None or cur is None or cur not in lay.names or not _inside(clock, live[s.name]):
+            continue
+        local = [st for st in plan.stages if st.module == owner and st.kind == "local"]
+        if not local or local[0].rest != cur:
+            have = local[0].rest if local else None
+            raise PlanError(
+                f"{owner or '<root>'}.{attr} ({lay}) is read while stream {s.name!r} rests on "
+                f"{cur!r}, but the plan slices it on {have!r}: add Stage({owner!r}, "
+                f"{s.name!r}, kind='local', rest={cur!r})"
+            )
 
 
 def _rest_error(i: int, st: Stage, actual: Optional[str]) -> PlanError:

@@ -177,6 +177,7 @@ def read_declarations(
         dims = _match(name, operands)
         if dims is not None:
             decl.operands[name] = (name.rpartition(".")[0], _dims(dims))
+    _check_arguments(decl, modules)
     for name, bufs in decl.buffers.items():
         for b in bufs:
             if not hasattr(modules[name], b):
@@ -188,6 +189,21 @@ def read_declarations(
             acc[a] += [d for d in decl.compute.get(name, ()) if d not in acc[a]]
     decl.subtree = {n: tuple(v) for n, v in acc.items()}
     return decl
+
+
+def _check_arguments(decl: Declarations, modules) -> None:
+    """Every declared input must be an argument the module's forward takes."""
+    from dsp.parallelize.args import Args
+
+    for module, inputs in decl.inputs.items():
+        sig = Args(modules[module])
+        for key in inputs:
+            if not sig.valid(key):
+                raise PlanError(
+                    f"module {module or '<root>'!r} ({type(modules[module]).__name__}) declares "
+                    f"input {key!r}, but its forward takes {sig.positional}"
+                    + (" and **kwargs" if sig.varkw else "")
+                )
 
 
 def _no_module(model: nn.Module, pattern: str, names: Sequence[str]) -> str:

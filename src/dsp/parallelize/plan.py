@@ -105,6 +105,12 @@ class Stream:
         object.__setattr__(self, "seq", _dims(self.seq) or self.dims[1:-1])
         if self.layout is not None:
             object.__setattr__(self, "layout", str(Layout(self.layout)))
+        for d, what in [(d, "seq") for d in self.seq] + [(self.shard, "entry shard")]:
+            if d not in self.dims:
+                raise PlanError(
+                    f"stream {self.name!r} ({what}) names dim {d!r}, but the tensors of stream "
+                    f"{self.name!r} have dims {self.dims}: no dim {d!r}"
+                )
 
     def index(self, dim: str) -> int:
         """Position of ``dim`` in ``dims``."""
@@ -262,7 +268,16 @@ class Plan:
             }
             on = runs.get(st.kind, st.shard or "")
             rows.append(
-                [i, st.kind, st.module, st.stream, ",".join(st.compute), st.rest or "", on, out]
+                [
+                    i,
+                    st.kind,
+                    st.module or "<root>",
+                    st.stream,
+                    ",".join(st.compute),
+                    st.rest or "",
+                    on,
+                    out,
+                ]
             )
         if stage_bytes is not None:
             header.append("bytes")

@@ -275,7 +275,7 @@ def _finish(streams, recorded, attends, uses, decl) -> Trace:
         for s in streams:
             if c.module == s.entry and c.input(s.arg) is not None:
                 pending.append((s.entry_layout, c.input(s.arg).shape, f"the entry of {s.name!r}"))
-    _bind_all(pending, sizes)
+    _bind_all(pending, sizes, {d for s in streams for d in s.dims})
     missing = sorted({d for s in streams for d in s.dims} - set(sizes))
     if missing:
         raise PlanError(f"could not learn the sizes of dims {missing} from the recorded inputs")
@@ -290,8 +290,11 @@ def _finish(streams, recorded, attends, uses, decl) -> Trace:
     )
 
 
-def _bind_all(pending, sizes: Dict[str, int]) -> None:
-    """Bind layouts until nothing new is learned (a fold may need a size bound later)."""
+def _bind_all(pending, sizes: Dict[str, int], keep) -> None:
+    """Bind layouts until nothing new is learned (a fold may need a size bound later).
+
+    Only the streams' dims (``keep``) are shared; other dims (a companion's D, an
+    attention's head dim) belong to their own tensor."""
     from dsp.layout import LayoutError
 
     todo = list(pending)
@@ -299,7 +302,9 @@ def _bind_all(pending, sizes: Dict[str, int]) -> None:
         left = []
         for lay, shape, what in todo:
             try:
-                lay.bind(shape, sizes, what=what)
+                local = dict(sizes)
+                lay.bind(shape, local, what=what)
+                sizes.update({d: v for d, v in local.items() if d in keep})
             except LayoutError as e:
                 if "cannot tell" in str(e):
                     left.append((lay, shape, what))

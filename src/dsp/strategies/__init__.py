@@ -30,7 +30,8 @@ class Strategy:
     """A named plan generator bound to a group; :meth:`apply` parallelizes a model.
 
     Options: ``plan`` (``dsp``: ``"auto"``, ``"hand"`` or a :class:`Plan`),
-    ``ulysses_degree`` (``usp``), ``declare`` (declarations for a model without attributes).
+    ``ulysses_degree`` (``usp``), ``declare`` and ``streams`` (the declarations of a model
+    without attributes, docs/parallelize.md).
     """
 
     def __init__(self, name: str, group: Optional[dist.ProcessGroup] = None, **options):
@@ -41,24 +42,17 @@ class Strategy:
     def make_plan(self, model: nn.Module, example_inputs: Any = None) -> Optional[Plan]:
         """The plan this strategy applies to ``model`` (``None`` for ``none``)."""
         n = group_info(self.group).size
-        declare = self.options.get("declare")
+        given = {k: self.options.get(k) for k in ("declare", "streams")}
         if self.name == "none":
             return None
         if self.name == "dsp":
-            return dsp_plan(
-                model,
-                n,
-                plan=self.options.get("plan", "auto"),
-                example_inputs=example_inputs,
-                declare=declare,
-            )
+            plan = self.options.get("plan", "auto")
+            return dsp_plan(model, n, plan=plan, example_inputs=example_inputs, **given)
         if self.name == "megatron_sp":
-            return megatron_plan(model, example_inputs=example_inputs, declare=declare)
+            return megatron_plan(model, example_inputs=example_inputs, **given)
         kind = {"ulysses": "heads", "ring": "ring", "usp": "usp"}[self.name]
         degree = self.usp_degree(model, n) if self.name == "usp" else None
-        return attention_plan(
-            model, kind, degree=degree, example_inputs=example_inputs, declare=declare
-        )
+        return attention_plan(model, kind, degree=degree, example_inputs=example_inputs, **given)
 
     def usp_degree(self, model: nn.Module, n: int) -> int:
         """The given Ulysses degree, or the largest divisor of N not above the head count."""

@@ -30,12 +30,12 @@ from dsp.parallelize.declared import Declarations
 __all__ = ["attention_plan", "dsp_plan", "megatron_plan"]
 
 
-def _recording(model: nn.Module, example_inputs: Any, declare=None):
+def _recording(model: nn.Module, example_inputs: Any, declare=None, streams=None):
     """A recording of ``model``: real calls for example inputs, else registration order."""
     if example_inputs is None:
-        streams = getattr(model, "dsp_streams", ())
-        example_inputs = {d: 1 for s in streams for d in s.dims}
-    return record(model, example_inputs, declare=declare)
+        known = streams or getattr(model, "dsp_streams", ())
+        example_inputs = {d: 1 for s in known for d in s.dims}
+    return record(model, example_inputs, declare=declare, streams=streams)
 
 
 def _region(rec, stream: str) -> List[str]:
@@ -55,6 +55,10 @@ def _locals(decl: Declarations, rec, taken: set) -> List[Stage]:
     """``local`` stages for modules whose companions or buffers hold the resting dim."""
     out = []
     for s in rec.streams:
+        for module, bufs in decl.buffers.items():
+            if module not in taken and any(s.shard in lay.names for lay in bufs.values()):
+                out.append(Stage(module, s.name, kind="local", rest=s.shard))
+                taken = taken | {module}
         for module in _region(rec, s.name):
             if module in taken:
                 continue
@@ -72,10 +76,11 @@ def attention_plan(
     degree: Optional[int] = None,
     example_inputs: Any = None,
     declare=None,
+    streams=None,
 ) -> Plan:
     """Ulysses (``heads``), Ring (``ring``) or USP (``usp``, with ``degree``): the stream
     rests on its entry dim and every attention over that dim becomes a ``kind`` stage."""
-    rec = _recording(model, example_inputs, declare)
+    rec = _recording(model, example_inputs, declare, streams)
     decl = rec.decl
     stages: List[Stage] = []
     for s in rec.streams:
@@ -95,11 +100,13 @@ def attention_plan(
     return Plan(rec.streams, tuple(stages))
 
 
-def megatron_plan(model: nn.Module, *, example_inputs: Any = None, declare=None) -> Plan:
+def megatron_plan(
+    model: nn.Module, *, example_inputs: Any = None, declare=None, streams=None
+) -> Plan:
     """Megatron-SP: ``tp`` regions with column/row-parallel weights (see module docstring)."""
     from dsp.models.plans import tp_styles
 
-    rec = _recording(model, example_inputs, declare)
+    rec = _recording(model, example_inputs, declare, streams)
     (s,) = rec.streams
     regions = tp_styles(model)
     if not regions:
@@ -117,6 +124,7 @@ def dsp_plan(
     plan: Any = "auto",
     example_inputs: Any = None,
     declare=None,
+    streams=None,
 ) -> Plan:
     """DSP: ``plan="auto"`` (the planner; needs ``example_inputs``), ``"hand"`` (the paper's
     placement for the models in :mod:`dsp.models`), or a :class:`Plan`."""
@@ -128,4 +136,4 @@ def dsp_plan(
         return hand_plan(model)
     if plan != "auto":
         raise ValueError(f"dsp: plan must be 'auto', 'hand' or a Plan, got {plan!r}")
-    return record(model, example_inputs, declare=declare).plan(world_size)
+    return record(model, example_inputs, declare=declare, streams=streams).plan(world_size)
