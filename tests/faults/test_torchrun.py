@@ -67,6 +67,9 @@ def test_stopped_worker_is_named_under_torchrun(tmp_path):
             lines.append(line)
             if named is None and "stopped answering" in line:
                 named = time.monotonic() - stopped
+                # torchrun now SIGTERMs the workers and waits 30 s before SIGKILL, which a
+                # stopped one needs; let it take the SIGTERM instead (torchrun's grace, not ours)
+                os.kill(victim, signal.SIGCONT)
         proc.wait(timeout=120)
         ended = time.monotonic() - stopped
     finally:
@@ -78,7 +81,7 @@ def test_stopped_worker_is_named_under_torchrun(tmp_path):
     assert proc.returncode != 0
     assert "rank 1 stopped answering (no heartbeat); rank 0 gave up" in out, out[-3000:]
     assert named is not None and named <= TIMEOUT + 30
-    assert ended <= TIMEOUT + 30 + 35, "torchrun's own SIGTERM-then-SIGKILL grace is 30 s"
+    assert ended <= TIMEOUT + 30
     assert not os.path.exists(f"/proc/{victim}") or _zombie(victim)
 
 
