@@ -82,6 +82,12 @@ def add_parser(sub) -> None:
     g.add_argument("--sp", type=int, default=None, help="sequence-parallel degree")
     g.add_argument("--strategy", default="dsp", help="sequence parallelism on sp (default dsp)")
     g.add_argument(
+        "--plan",
+        default="auto",
+        help="dsp's plan: auto (the planner, for these shapes), hand (the paper's placement) "
+        "or a plan JSON file (dsp plan --json)",
+    )
+    g.add_argument(
         "--data-parallel",
         choices=("ddp", "fsdp", "manual"),
         default="ddp",
@@ -158,6 +164,7 @@ def config_from_args(args):
         dp=args.dp,
         sp=sp,
         strategy=args.strategy,
+        plan=args.plan,
         data_parallel=args.data_parallel,
         activation_checkpointing=args.activation_checkpointing,
         precision=args.precision,

@@ -11,6 +11,7 @@ applies the plan. ``strategy.plan`` is the plan it applied (print it, save it as
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
@@ -21,7 +22,7 @@ from dsp.mesh import group_info
 from dsp.parallelize import Parallelized, Plan, parallelize
 from dsp.strategies.plans import attention_plan, dsp_plan, megatron_plan
 
-__all__ = ["STRATEGIES", "Strategy", "get_strategy"]
+__all__ = ["STRATEGIES", "Strategy", "get_strategy", "load_plan", "meta_like"]
 
 STRATEGIES = ("none", "dsp", "ulysses", "ring", "megatron_sp", "usp")
 
@@ -46,7 +47,7 @@ class Strategy:
         if self.name == "none":
             return None
         if self.name == "dsp":
-            plan = self.options.get("plan", "auto")
+            plan = load_plan(self.options.get("plan") or "auto")
             return dsp_plan(model, n, plan=plan, example_inputs=example_inputs, **given)
         if self.name == "megatron_sp":
             return megatron_plan(model, example_inputs=example_inputs, **given)
@@ -98,6 +99,22 @@ class Strategy:
     def remove(self) -> None:
         if self.handle is not None:
             self.handle.remove()
+
+
+def load_plan(plan: Any) -> Any:
+    """``"auto"``, ``"hand"``, a :class:`Plan`, or the path of a plan's JSON file."""
+    if isinstance(plan, Plan) or plan in ("auto", "hand"):
+        return plan
+    path = Path(plan)
+    try:
+        return Plan.from_json(path.read_text())
+    except OSError as e:
+        raise ValueError(f"--plan {plan}: not 'auto', 'hand' or a readable plan file ({e})") from None
+
+
+def meta_like(*tensors: Any) -> tuple:
+    """Shape-only (meta) copies of example inputs, for planning without data or compute."""
+    return tuple(t.to("meta") if torch.is_tensor(t) else t for t in tensors)
 
 
 def get_strategy(name: str, group: Optional[dist.ProcessGroup] = None, **options) -> Strategy:

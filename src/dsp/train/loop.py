@@ -70,6 +70,8 @@ class TrainConfig:
     dp: Optional[int] = None
     sp: Optional[int] = 1
     strategy: str = "dsp"
+    #: dsp's plan: "auto" (the planner, for this run's shapes), "hand" or a plan JSON file
+    plan: str = "auto"
     data_parallel: str = "ddp"
     activation_checkpointing: bool = False
     precision: str = "auto"
@@ -119,6 +121,10 @@ class TrainConfig:
             raise ValueError(f"--cond-dropout must be in [0, 1], got {self.cond_dropout}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.plan not in ("auto", "hand") and not Path(self.plan).is_file():
+            raise ValueError(
+                f"--plan must be auto, hand or a plan JSON file, got {self.plan!r} (no such file)"
+            )
         if self.resume not in (False, True, "auto", "required"):
             raise ValueError(f"--resume must be auto or required, got {self.resume!r}")
         if self.resume and not self.ckpt_dir:
@@ -238,9 +244,11 @@ def train(
     tokens_per_sample = _check_shapes(model, cfg, codec)
     model.to(device)
     if rt.distributed:
-        from dsp.strategies import get_strategy
+        from dsp.strategies import get_strategy, meta_like
 
-        get_strategy(cfg.strategy, sp_group).apply(model)
+        first = make_batch(range(1), data, codec, text)  # the shapes the planner plans for
+        example = meta_like(first.x0, model_time(first.t), first.y)
+        get_strategy(cfg.strategy, sp_group, plan=cfg.plan).apply(model, example)
     # 3. activation checkpointing, 4. data parallelism (DDP / FSDP2 / manual)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
