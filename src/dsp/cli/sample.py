@@ -42,6 +42,11 @@ def add_parser(sub) -> None:
     p.add_argument("--cfg-parallel", action="store_true", help="cond and uncond on two halves")
     p.add_argument("--world-size", type=int, default=None, help="local ranks to spawn")
     p.add_argument("--strategy", default="dsp", help="sequence parallelism (default dsp)")
+    p.add_argument(
+        "--plan",
+        default="auto",
+        help="dsp's plan: auto (the planner, for these shapes), hand or a plan JSON file",
+    )
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="fp32")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -81,6 +86,7 @@ def run(args) -> int:
         cfg_scale=args.cfg_scale,
         cfg_parallel=args.cfg_parallel,
         strategy=args.strategy,
+        plan=args.plan,
         seed=args.seed,
         precision=args.precision,
         device=args.device,

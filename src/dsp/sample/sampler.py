@@ -56,6 +56,8 @@ class SampleConfig:
     cfg_scale: float = 4.0
     cfg_parallel: bool = False
     strategy: str = "dsp"
+    #: dsp's plan: "auto" (the planner, for these shapes), "hand" or a plan JSON file
+    plan: str = "auto"
     seed: int = 0
     precision: str = "fp32"
     device: str = "auto"
@@ -140,16 +142,6 @@ def sample(cfg: SampleConfig) -> SampleResult:
         codec, text_seed = PatchCodec(2), cfg.seed
     model.eval().to(device)
 
-    cfg_group = None
-    cfg_rank = 0
-    if rt.distributed:
-        from dsp.strategies import get_strategy
-
-        mesh = dims.mesh(device.type, timeout)
-        cfg_group, cfg_rank = mesh["cfg"].get_group(), mesh.get_local_rank("cfg")
-        get_strategy(cfg.strategy, mesh["sp"].get_group()).apply(model)
-        set_group_timeouts(timeout)  # groups the strategy made too
-
     text = CaptionEncoder(model.config.caption_channels, seed=text_seed)
     b = len(cfg.prompts)
     y_c, m_c = text.prompts(cfg.prompts, device=device)
@@ -157,6 +149,18 @@ def sample(cfg: SampleConfig) -> SampleResult:
     shape = (b, *codec.latent_shape(frames, height, width))
     g = torch.Generator().manual_seed(sample_seed(cfg.seed, "sample", 0))
     x = torch.randn(shape, generator=g).to(device)  # the same noise on every rank
+
+    cfg_group = None
+    cfg_rank = 0
+    if rt.distributed:
+        from dsp.strategies import get_strategy, meta_like
+
+        mesh = dims.mesh(device.type, timeout)
+        cfg_group, cfg_rank = mesh["cfg"].get_group(), mesh.get_local_rank("cfg")
+        example = meta_like(x, model_time(torch.zeros(b, device=device)), y_c)
+        strategy = get_strategy(cfg.strategy, mesh["sp"].get_group(), plan=cfg.plan)
+        strategy.apply(model, example)
+        set_group_timeouts(timeout)  # groups the strategy made too
     amp = autocast_dtype(cfg.precision, device)
 
     def forward(x: Tensor, t: Tensor, y: Tensor, mask: Tensor) -> Tensor:
