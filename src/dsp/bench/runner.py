@@ -32,6 +32,7 @@ class BenchConfig:
 
     model: str = "stdit-tiny"
     strategy: str = "dsp"
+    plan: str = "auto"  # dsp: the planner's plan for these sizes, "hand", or a plan JSON file
     world_size: int = 2
     frames: int = 16
     height: int = 32
@@ -78,7 +79,7 @@ def _sync(info_group=None) -> None:
 def rank_bench(cfg: BenchConfig) -> dict:
     """Per-rank body: build, parallelize, time ``cfg.repeats`` steps. Runs inside a pool."""
     from dsp.models import build_model
-    from dsp.strategies import get_strategy
+    from dsp.strategies import get_strategy, meta_like
 
     torch.manual_seed(0)
     model = build_model(cfg.model, **cfg.model_overrides())
@@ -88,8 +89,8 @@ def rank_bench(cfg: BenchConfig) -> dict:
     y = torch.randn(cfg.batch, cfg.text_len, c.caption_channels, generator=g)
     t = torch.randint(0, 1000, (cfg.batch,), generator=g)
     target = torch.randn(cfg.batch, c.out_channels, cfg.frames, cfg.height, cfg.width, generator=g)
-    strategy = get_strategy(cfg.strategy, **cfg.options)
-    strategy.apply(model)
+    strategy = get_strategy(cfg.strategy, plan=cfg.plan, **cfg.options)
+    strategy.apply(model, meta_like(x, t, y))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if cfg.mode == "train" else None
     stats: dict = {}
 

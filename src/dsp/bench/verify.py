@@ -30,7 +30,7 @@ def rank_verify(model_name: str, strategy: str, shape, overrides=None, options=N
     out_ref = ref(x, t, y, mask)
     out_ref.square().mean().backward()
     strat = get_strategy(strategy, **(options or {}))
-    strat.apply(model)
+    strat.apply(model, (x, t, y))  # dsp: the planner's plan for these shapes
     out = model(x, t, y, mask)
     out.square().mean().backward()
     strat.sync_grads(model)

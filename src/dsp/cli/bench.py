@@ -45,6 +45,12 @@ def add_parser(sub) -> None:
         default=["dsp", "ulysses", "ring", "megatron_sp"],
         help="comma-separated: dsp,ulysses,ring,megatron_sp,usp,none",
     )
+    p.add_argument(
+        "--plan",
+        default="auto",
+        help="dsp's plan: auto (the planner, per size), hand (the paper's placement) or a "
+        "plan JSON file",
+    )
     p.add_argument("--world-size", type=_ints, default=[2, 4], help="e.g. 2,4")
     p.add_argument("--frames", type=_ints, default=[16], help="latent frames T (list sweeps)")
     p.add_argument("--height", type=_ints, default=[32], help="latent height (list sweeps)")
@@ -108,6 +114,7 @@ def configs_from_args(args):
         hidden=args.hidden,
         heads=args.heads,
         grad_sync=not args.no_grad_sync,
+        plan=args.plan,
     )
     configs = expand(
         base,
