@@ -20,7 +20,7 @@ so **one average over all dp x sp ranks** is exact. That is what every mode does
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -89,20 +89,9 @@ def wrap_data_parallel(
 
 
 def average_gradients(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> None:
-    """Average every gradient over ``group`` (``None``: the world): one all-reduce per dtype."""
+    """Average every gradient over ``group`` (``None``: the world): one all-reduce per dtype,
+    the same coalesced collective :meth:`dsp.parallelize.Parallelized.sync_grads` uses."""
     if not dist.is_initialized():
         return
-    n = dist.get_world_size(group)
-    if n == 1:
-        return
-    by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
-    for p in model.parameters():
-        if p.grad is not None:
-            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        C.all_reduce(flat, group, tag="grad_sync").div_(n)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    C.all_reduce_coalesced(grads, group, average=True, tag="grad_sync")
