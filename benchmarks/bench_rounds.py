@@ -8,14 +8,21 @@ link, calibrated once) is set up once; then every configuration runs one warm-up
 timed step per round, round after round, in a rotated order, so that a burst of load from
 other processes falls on all configurations alike instead of on whichever ran at the time.
 A row's step time is the median over rounds, its ``cpu_flops_per_rank`` the median of the
-measurements around its rounds. Output as ``dsp bench`` (JSON schema of docs/benchmarks.md,
-markdown, plots) plus ``meta.rounds``.
+measurements around its rounds.
+
+Each world size N > 1 also runs, in the same rounds, a **compute proxy** per size: strategy
+``none`` on ``ceil(T / N)`` frames on every rank at once (no communication; row field
+``proxy_for_frames``). It measures what the bench model's own compute achieves under exactly
+the contention the N-rank rows see; ``dsp simulate --from-bench`` takes its compute rate
+from it. Output as ``dsp bench`` (JSON schema of docs/benchmarks.md, markdown, plots) plus
+``meta.rounds``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import shlex
 import statistics
@@ -48,8 +55,21 @@ def merge(rows):
     return row
 
 
+def proxies(configs):
+    """The compute proxy of every (N > 1, size) in ``configs``: strategy none, T/N frames."""
+    out = {}
+    for c in configs:
+        if c.world_size > 1 and c.strategy != "none":
+            f = math.ceil(c.frames / c.world_size)
+            p = dataclasses.replace(c, strategy="none", frames=f, grad_sync=False, options={})
+            out.setdefault(repr(p), (p, c.frames))
+    return out  # repr(config) -> (config, the frames it stands for)
+
+
 def run(args, rounds: int):
     configs = [dataclasses.replace(c, repeats=1) for c in configs_from_args(args)]
+    extra = proxies(configs)
+    configs += [p for p, _ in extra.values()]
     target = target_from_args(args)
     rows, links = [], {}
     for n, group in groupby(sorted(configs, key=lambda c: c.world_size), lambda c: c.world_size):
@@ -68,6 +88,8 @@ def run(args, rounds: int):
             for i in range(len(group)):
                 row = merge(per[i])
                 row["link"] = meta.get("description")
+                if repr(group[i]) in extra:
+                    row["proxy_for_frames"] = extra[repr(group[i])][1]
                 rows.append(row)
     return rows, links
 

@@ -107,3 +107,16 @@ def test_from_bench_predicts_every_configuration(tmp_path):
     assert rows[0]["ratio"] == pytest.approx(1.0)  # the efficiency comes from this step
     assert 0.5 < rows[1]["predicted_step_s"] / 0.05 < 1.5 and "single-process" in note
     assert "| dsp | 2 |" in comparison(str(path))
+
+
+def test_from_bench_takes_compute_from_the_proxy(tmp_path):
+    data = json.loads(_fake_bench(tmp_path).read_text())
+    single, dsp_row = data["results"]
+    proxy = {**single, "world_size": 2, "frames": 4, "proxy_for_frames": 8}
+    proxy["step_time_s"] = {"median": 0.06}
+    data["results"].append(proxy)
+    rows, _ = predict_bench(data)
+    assert [r["strategy"] for r in rows] == ["none", "dsp"]  # the proxy is not predicted
+    assert rows[1]["compute_rate_from"] == "proxy"
+    # DSP's rank computes about what the proxy did (T/N frames), plus its communication
+    assert 0.9 * 0.06 < rows[1]["compute_s"] < 1.2 * 0.06

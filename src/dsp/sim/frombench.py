@@ -4,6 +4,10 @@ The "cluster" is the benchmark machine: one GPU per rank whose FLOP/s is the run
 fp32 matmul rate per rank (``cpu_flops_per_rank``, all ranks busy) times one efficiency, and
 a link with the run's rates:
 
+* compute rate, best first: the bench model's own FLOP/s measured by a compute proxy in the
+  same interleaved rounds (``benchmarks/bench_rounds.py``: strategy none on ``ceil(T/N)``
+  frames on all N ranks at once, so under the same contention, without communication);
+  otherwise the matmul rate x the efficiency below;
 * the matmul rate: the row's own ``cpu_flops_per_rank`` (measured on its pool right before
   and after that configuration, so that it follows the machine's changing load), else the
   world size's calibration figure;
@@ -75,7 +79,11 @@ def _links(meta: dict) -> Dict[int, dict]:
 def _efficiency(data: dict) -> Tuple[float, str]:
     links = _links(data["meta"])
     rates = [v["cpu_flops_per_rank"] for v in links.values() if v.get("cpu_flops_per_rank")]
-    single = [r for r in data["results"] if r["strategy"] == "none" and r["step_time_s"]]
+    single = [
+        r
+        for r in data["results"]
+        if r["strategy"] == "none" and r["world_size"] == 1 and r["step_time_s"]
+    ]
     if not single or not (rates or all(r.get("cpu_flops_per_rank") for r in single)):
         return CPU_EFFICIENCY, f"default {CPU_EFFICIENCY} (no single-process reference)"
     effs, used = [], []
@@ -116,16 +124,36 @@ def bench_cluster(meta: dict, n: int, efficiency: float, flops: Optional[float] 
     return Cluster(n, 1, gpu, wire, wire, f"bench N={n}")
 
 
+_SAME = ("model", "height", "width", "batch", "mode", "depth", "hidden", "heads", "world_size")
+
+
+def _proxy_rate(data: dict, row: dict) -> Optional[float]:
+    """FLOP/s the bench model itself achieved on ``row``'s ranks under the same contention:
+    the compute proxy of ``benchmarks/bench_rounds.py`` (strategy none on ceil(T/N) frames on
+    every rank at once), if the run has one for this size."""
+    for p in data["results"]:
+        if p.get("proxy_for_frames") == row["frames"] and p.get("step_time_s"):
+            if all(p.get(k) == row.get(k) for k in _SAME):
+                w = bench_workload({**p, "world_size": 1})
+                return step_flops(w, attn_bwd=2.0)["total"] / p["step_time_s"]["median"]
+    return None
+
+
 def predict_bench(data: dict) -> Tuple[List[dict], str]:
-    """(prediction rows, efficiency note) for every configuration of a bench JSON."""
+    """(prediction rows, efficiency note) for every configuration of a bench JSON (compute
+    proxies excluded: they are the measurement the predictions start from)."""
     eff, note = _efficiency(data)
     grad_sync = not data["meta"].get("config", {}).get("no_grad_sync", False)
     out = []
     for row in data["results"]:
-        if not row.get("step_time_s"):
+        if not row.get("step_time_s") or row.get("proxy_for_frames"):
             continue
         w = bench_workload(row, grad_sync)
-        c = bench_cluster(data["meta"], w.sp, eff, row.get("cpu_flops_per_rank"))
+        rate = _proxy_rate(data, row) if w.sp > 1 else None
+        if rate is not None:  # the model's own compute rate, measured beside this row
+            c = bench_cluster(data["meta"], w.sp, 1.0, rate)
+        else:
+            c = bench_cluster(data["meta"], w.sp, eff, row.get("cpu_flops_per_rank"))
         pred = simulate(w, c, overlap_dp=False, attn_bwd=2.0)
         measured = row["step_time_s"]["median"]
         pred.update(
@@ -135,6 +163,7 @@ def predict_bench(data: dict) -> Tuple[List[dict], str]:
             ratio=pred["step_time_s"]["median"] / measured,
             measured_bytes=(row["bytes_sent_forward"], row["bytes_sent_backward"]),
             cpu_flops_per_rank=c.gpu.peak_flops,
+            compute_rate_from="proxy" if rate is not None else "matmul x efficiency",
         )
         out.append(pred)
     return out, note
@@ -153,14 +182,15 @@ def comparison(path: str, data: Optional[dict] = None) -> str:
         f"- link: {link}",
         f"- step efficiency (step FLOP/s / matmul FLOP/s): {note}",
         "",
-        "| strategy | N | T x H x W | GFLOP/s/rank | compute s | comm s | predicted s | "
-        "measured s | predicted / measured |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| strategy | N | T x H x W | compute rate from | GFLOP/s/rank | compute s | comm s | "
+        "predicted s | measured s | predicted / measured |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['strategy']} | {r['world_size']} | {r['frames']}x{r['height']}x{r['width']} | "
-            f"{r['cpu_flops_per_rank'] / 1e9:.1f} | {r['compute_s']:.3f} | "
+            f"{r['compute_rate_from']} | {r['cpu_flops_per_rank'] / 1e9:.1f} | "
+            f"{r['compute_s']:.3f} | "
             f"{r['exposed_comm_s']:.3f} | {r['predicted_step_s']:.3f} | "
             f"{r['measured_step_s']:.3f} | {r['ratio']:.2f} |"
         )
