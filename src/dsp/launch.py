@@ -341,20 +341,26 @@ class RankPool:
         """The workers' process ids, by rank."""
         return [p.pid for p in self._procs]
 
-    def _hung(self, pending: set, now: float) -> dict:
-        """Pending ranks that stopped beating for ``timeout`` s (or never started)."""
+    def _hung(self, pending: set, now: float, failed: bool) -> dict:
+        """Pending ranks that stopped beating for ``timeout`` s (or never started); once
+        another rank failed, also those stopped by a signal or silent for 2 s (a rank stuck in
+        start-up makes the others' process-group start time out first)."""
         from dsp.watchdog import process_state
 
         hung = {}
         for r in sorted(pending):
+            p = self._procs[r]
             age = self._heartbeats.age(r, now)
             limit = self.timeout if age is not None else self.timeout + 30  # torch import
-            if (age if age is not None else now - self._started) > limit:
-                p = self._procs[r]
-                quiet = f"no heartbeat for {age:.0f} s" if age is not None else "never started"
+            quiet = f"no heartbeat for {age:.0f} s" if age is not None else "never started"
+            state = process_state(p.pid)
+            late = (age if age is not None else now - self._started) > limit
+            if failed and not late:
+                late = state.startswith("stopped") or (age is not None and age > 2.0)
+            if late:
                 hung[r] = (
                     f"rank {r} (pid {p.pid}) stopped answering: {quiet} (timeout "
-                    f"{self.timeout:g} s), process {process_state(p.pid)}"
+                    f"{self.timeout:g} s), process {state}"
                 )
         return hung
 
@@ -397,7 +403,8 @@ class RankPool:
                 code = self._procs[r].exitcode
                 if code is not None and r not in causes:
                     causes[r] = f"rank {r} (pid {self._procs[r].pid}) died: {describe_exit(code)}"
-            causes.update({r: m for r, m in self._hung(pending - set(causes), now).items()})
+            hung = self._hung(pending - set(causes), now, failed=failed_at is not None)
+            causes.update(hung)
             if causes and (failed_at is None or grace > GRACE_AFTER_DEATH):
                 failed_at, grace = now, GRACE_AFTER_DEATH
             if failed_at is not None and now - failed_at > grace:
