@@ -76,7 +76,7 @@ def _links(meta: dict) -> Dict[int, dict]:
     return {int(k): v for k, v in meta.get("link", {}).get("per_world_size", {}).items()}
 
 
-def _efficiency(data: dict) -> Tuple[float, str]:
+def _efficiency(data: dict, stat: str = "median") -> Tuple[float, str]:
     links = _links(data["meta"])
     rates = [v["cpu_flops_per_rank"] for v in links.values() if v.get("cpu_flops_per_rank")]
     single = [
@@ -90,7 +90,7 @@ def _efficiency(data: dict) -> Tuple[float, str]:
     for r in single:
         flops = r.get("cpu_flops_per_rank") or max(rates)
         w = bench_workload(r)
-        effs.append(step_flops(w, attn_bwd=2.0)["total"] / r["step_time_s"]["median"] / flops)
+        effs.append(step_flops(w, attn_bwd=2.0)["total"] / r["step_time_s"][stat] / flops)
         used.append(flops)
     eff = statistics.median(effs)
     return eff, (
@@ -127,7 +127,7 @@ def bench_cluster(meta: dict, n: int, efficiency: float, flops: Optional[float] 
 _SAME = ("model", "height", "width", "batch", "mode", "depth", "hidden", "heads", "world_size")
 
 
-def _proxy_rate(data: dict, row: dict) -> Optional[float]:
+def _proxy_rate(data: dict, row: dict, stat: str = "median") -> Optional[float]:
     """FLOP/s the bench model itself achieved on ``row``'s ranks under the same contention:
     the compute proxy of ``benchmarks/bench_rounds.py`` (strategy none on ceil(T/N) frames on
     every rank at once), if the run has one for this size."""
@@ -135,27 +135,32 @@ def _proxy_rate(data: dict, row: dict) -> Optional[float]:
         if p.get("proxy_for_frames") == row["frames"] and p.get("step_time_s"):
             if all(p.get(k) == row.get(k) for k in _SAME):
                 w = bench_workload({**p, "world_size": 1})
-                return step_flops(w, attn_bwd=2.0)["total"] / p["step_time_s"]["median"]
+                return step_flops(w, attn_bwd=2.0)["total"] / p["step_time_s"][stat]
     return None
 
 
-def predict_bench(data: dict) -> Tuple[List[dict], str]:
+def predict_bench(data: dict, stat: str = "median") -> Tuple[List[dict], str]:
     """(prediction rows, efficiency note) for every configuration of a bench JSON (compute
-    proxies excluded: they are the measurement the predictions start from)."""
-    eff, note = _efficiency(data)
+    proxies excluded: they are the measurement the predictions start from).
+
+    ``stat``: which step time of each row (and of the proxies and the single process) to use:
+    ``"median"`` (what reports quote) or ``"min"`` (the fastest repeat: on a machine whose
+    other load only ever slows steps down, the least disturbed one).
+    """
+    eff, note = _efficiency(data, stat)
     grad_sync = not data["meta"].get("config", {}).get("no_grad_sync", False)
     out = []
     for row in data["results"]:
         if not row.get("step_time_s") or row.get("proxy_for_frames"):
             continue
         w = bench_workload(row, grad_sync)
-        rate = _proxy_rate(data, row) if w.sp > 1 else None
+        rate = _proxy_rate(data, row, stat) if w.sp > 1 else None
         if rate is not None:  # the model's own compute rate, measured beside this row
             c = bench_cluster(data["meta"], w.sp, 1.0, rate)
         else:
             c = bench_cluster(data["meta"], w.sp, eff, row.get("cpu_flops_per_rank"))
         pred = simulate(w, c, overlap_dp=False, attn_bwd=2.0)
-        measured = row["step_time_s"]["median"]
+        measured = row["step_time_s"][stat]
         pred.update(
             measured_step_s=measured,
             predicted_step_s=pred["step_time_s"]["median"],
@@ -169,12 +174,12 @@ def predict_bench(data: dict) -> Tuple[List[dict], str]:
     return out, note
 
 
-def comparison(path: str, data: Optional[dict] = None) -> str:
+def comparison(path: str, data: Optional[dict] = None, stat: str = "median") -> str:
     """A markdown table: predicted vs measured step time per configuration of ``path``."""
     if data is None:
         with open(path) as f:
             data = json.load(f)
-    rows, note = predict_bench(data)
+    rows, note = predict_bench(data, stat)
     link = data["meta"].get("link", {}).get("description", "")
     lines = [
         f"`{path}`: {data['meta'].get('command', '')}",
