@@ -57,6 +57,12 @@ def add_parser(sub) -> None:
         help="--search: rank by predicted time per sample, or by bytes per rank (for comparison)",
     )
     p.add_argument("--from-bench", default=None, help="predict a dsp bench JSON")
+    p.add_argument(
+        "--stat",
+        choices=["median", "min"],
+        default="median",
+        help="--from-bench: compare median step times or the fastest repeats",
+    )
     p.add_argument("--json", default=None, help="write {meta, results} JSON here")
     p.add_argument("--out", default=None, help="directory for plots (default: beside --json)")
     p.set_defaults(func=run)
@@ -133,7 +139,7 @@ def run(args) -> int:
     if args.from_bench:
         from dsp.sim.frombench import comparison
 
-        print(comparison(args.from_bench))
+        print(comparison(args.from_bench, stat=args.stat))
         return 0
     c = cluster(args.cluster, mfu=args.mfu)
     rows = _rows(args, c)
