@@ -70,3 +70,18 @@ def test_bench_writes_schema_and_records_errors(tmp_path):
     assert rc == 1
     good = [r for r in rows if not r["error"]]
     assert all(r["bytes_sent_forward"] > 0 and r["step_time_s"]["median"] > 0 for r in good)
+
+
+def test_bench_progress_prints_errors_verbatim(capsys):
+    """gloo's errors quote "[file.cc:129]", which rich would parse as markup and crash on."""
+    from dsp.cli.bench import progress
+
+    bar, tick = progress(1)
+    row = dict(model="m", strategy="dsp", world_size=2, frames=4, height=8, width=8)
+    row.update(step_time_s=None, error="[/x/unbound_buffer.cc:129] Timed out")
+    if bar is not None:
+        with bar:
+            tick(row)
+    else:
+        tick(row)
+    assert "[/x/unbound_buffer.cc:129] Timed out" in capsys.readouterr().out
