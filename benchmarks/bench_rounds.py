@@ -3,10 +3,11 @@
     python benchmarks/bench_rounds.py --rounds 5 -- --link ib --world-size 2,4 \
         --strategy dsp,ulysses --frames 16 --height 32 --width 32 --single --json out.json
 
-Everything after ``--`` is ``dsp bench``'s flags. Per world size the pool (and the emulated
-link, calibrated once) is set up once; then every configuration runs one warm-up and one
-timed step per round, round after round, in a rotated order, so that a burst of load from
-other processes falls on all configurations alike instead of on whichever ran at the time.
+Everything after ``--`` is ``dsp bench``'s flags. Every world size's pool (and emulated link,
+calibrated once) is set up at the start and kept; then every configuration of every world
+size (the single-process reference included) runs one warm-up and one timed step per round,
+round after round, in a rotated order, so that a burst of load from other processes falls on
+all configurations alike instead of on whichever ran at the time.
 A row's step time is the median over rounds, its ``cpu_flops_per_rank`` the median of the
 measurements around its rounds.
 
@@ -21,6 +22,7 @@ from it. Output as ``dsp bench`` (JSON schema of docs/benchmarks.md, markdown, p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -67,30 +69,39 @@ def proxies(configs):
 
 
 def run(args, rounds: int):
+    """Every world size's pool (and link) open at once; each round runs every world size's
+    configurations (world sizes and configurations in rotated order), so that the
+    single-process reference and the N-rank rows share one load history."""
     configs = [dataclasses.replace(c, repeats=1) for c in configs_from_args(args)]
     extra = proxies(configs)
     configs += [p for p, _ in extra.values()]
     target = target_from_args(args)
-    rows, links = [], {}
-    for n, group in groupby(sorted(configs, key=lambda c: c.world_size), lambda c: c.world_size):
-        group = list(group)
-        ref = max(group, key=lambda c: (c.strategy != "none", c.frames * c.height * c.width))
-        with _pools_for(n, args.link, ref, target) as (get, meta):
-            links[n] = meta
-            per = {i: [] for i in range(len(group))}
-            for k in range(rounds):
+    groups = [
+        (n, list(g))
+        for n, g in groupby(sorted(configs, key=lambda c: c.world_size), lambda c: c.world_size)
+    ]
+    rows, links, per = [], {}, {}
+    with contextlib.ExitStack() as stack:
+        getters = {}
+        for n, group in groups:
+            ref = max(group, key=lambda c: (c.strategy != "none", c.frames * c.height * c.width))
+            get, links[n] = stack.enter_context(_pools_for(n, args.link, ref, target))
+            getters[n] = get
+        for k in range(rounds):
+            for n, group in groups[k % len(groups) :] + groups[: k % len(groups)]:
                 order = list(range(len(group)))
                 order = order[k % len(order) :] + order[: k % len(order)]
-                get_m, on_m = _flops_around(get, lambda r: None)
+                get_m, on_m = _flops_around(getters[n], lambda r: None)
                 for i, row in zip(order, run_configs([group[i] for i in order], get_m, on_m)):
-                    per[i].append(row)
-                print(f"N={n}: round {k + 1}/{rounds} done", flush=True)
-            for i in range(len(group)):
-                row = merge(per[i])
-                row["link"] = meta.get("description")
-                if repr(group[i]) in extra:
-                    row["proxy_for_frames"] = extra[repr(group[i])][1]
-                rows.append(row)
+                    per.setdefault((n, i), []).append(row)
+            print(f"round {k + 1}/{rounds} done", flush=True)
+    for n, group in groups:
+        for i, cfg in enumerate(group):
+            row = merge(per[(n, i)])
+            row["link"] = links[n].get("description")
+            if repr(cfg) in extra:
+                row["proxy_for_frames"] = extra[repr(cfg)][1]
+            rows.append(row)
     return rows, links
 
 
