@@ -236,10 +236,10 @@ def _heartbeats(rank: int, world_size: int):
 
 def _attributed(error: Exception, heartbeats, rank: int) -> Exception:
     """A collective that timed out or lost its peer: name the ranks that stopped beating."""
-    from dsp.launch import _SECONDARY, _first_line
+    from dsp.rank_error import SECONDARY, first_line
 
-    text = _first_line(f"{type(error).__name__}: {error}")
-    if heartbeats is None or not any(p in text for p in _SECONDARY):
+    text = first_line(f"{type(error).__name__}: {error}")
+    if heartbeats is None or not any(p in text for p in SECONDARY):
         return error
     silent = heartbeats.silent()
     if silent is None:
