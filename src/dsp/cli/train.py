@@ -112,9 +112,14 @@ def add_parser(sub) -> None:
         help="resume from the newest intact checkpoint in --ckpt-dir (a damaged newer one is "
         "named and skipped); without one, start at step 0 (auto) or fail (--resume=required)",
     )
-    g.add_argument("--log-every", type=int, default=1, help="print every N steps without rich")
+    g.add_argument(
+        "--log-every",
+        type=int,
+        default=1,
+        help="print a line every N steps (no terminal, or no rich)",
+    )
     g.add_argument("--log-json", default=None, help="write losses and timings as JSON")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar or step lines")
     g = p.add_argument_group("failures")
     add_job_flags(g, timeout=300, what="job")
     p.set_defaults(func=run)
