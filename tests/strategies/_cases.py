@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 import dsp
+import dsp.parallelize as P
 from dsp.models import build_model
 from dsp.strategies import get_strategy
 
@@ -52,8 +53,10 @@ def equality(model_name, strategy, shape, options=None, atol=1e-9):
     )
     out_ref, x_ref, y_ref = run_model(ref, inputs, w)
 
+    rec = P.record(model, inputs)  # before any hook: the dry run of the strategy's plan
     strat = get_strategy(strategy, **(options or {}))
     strat.apply(model, inputs)
+    predicted = rec.cost(strat.plan, dist.get_world_size())
     with dsp.comm_log() as log:
         out, x, y = run_model(model, inputs, w)
     strat.sync_grads(model)
@@ -70,6 +73,7 @@ def equality(model_name, strategy, shape, options=None, atol=1e-9):
         "forward": log.sent("forward"),
         "backward": log.sent("backward"),
         "ops": [(r.op, r.phase) for r in log.records if not r.meta],
+        "predicted": predicted.total,
     }
 
 

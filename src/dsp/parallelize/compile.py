@@ -267,7 +267,7 @@ def _attend_bytes(act: Act, shape, numel: int, e: int, grad: bool, n: int) -> Tu
     if act.kind == "heads":
         b = 4 * _switch_bytes(shape, lay, act.src, "H", n, e)
         return b, b if grad else 0
-    u = act.degree or 1 if act.kind == "usp" else 1
+    u = (act.degree or 1) if act.kind == "usp" else 1
     r = n // u
     fwd = bwd = 0
     if act.kind == "usp" and u > 1:  # Ulysses inside each row of u ranks
@@ -275,9 +275,6 @@ def _attend_bytes(act: Act, shape, numel: int, e: int, grad: bool, n: int) -> Tu
         for row in range(r):
             chunk = list(shape)
             chunk[lay.index(act.src)] = sum(sizes[row * u : (row + 1) * u])
-            part = 1
-            for v in chunk:
-                part *= v
             b = 4 * _row_switch(chunk, lay, act.src, sizes[row * u : (row + 1) * u], u, e)
             fwd += b
             bwd += b if grad else 0
