@@ -141,19 +141,24 @@ def _check_shard(dim: Optional[str], stream, trace: Trace, n: int, even_only: bo
         )
 
 
+def region_calls(trace: Trace, s) -> Tuple[Call, Call]:
+    """The calls where stream ``s`` is split (its entry) and gathered (its exit after it)."""
+    entry = next((c for c in trace.calls if c.module == s.entry), None)
+    exit_ = next(
+        (c for c in trace.calls if c.module == s.exit and entry and c.start > entry.start), None
+    )
+    if entry is None or exit_ is None:
+        missing = s.entry if entry is None else s.exit
+        raise PlanError(f"stream {s.name!r}: module {missing!r} never ran (after its entry)")
+    return entry, exit_
+
+
 def _live(trace: Trace) -> Dict[str, Tuple[int, int]]:
+    """Each stream's sharded region: from its entry's call to its gather."""
     live = {}
     for s in trace.streams:
-        entry = next((c for c in trace.calls if c.module == s.entry), None)
-        exit_ = next(
-            (c for c in trace.calls if c.module == s.exit and entry and c.start > entry.start),
-            None,
-        )
-        if entry is None or exit_ is None:
-            missing = s.entry if entry is None else s.exit
-            raise PlanError(f"stream {s.name!r}: module {missing!r} never ran (after its entry)")
-        end = exit_.start if s.exit_arg is not None else exit_.end
-        live[s.name] = (entry.start, end)
+        entry, exit_ = region_calls(trace, s)
+        live[s.name] = (entry.start, exit_.start if s.exit_arg is not None else exit_.end)
     return live
 
 

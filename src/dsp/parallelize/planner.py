@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from torch import nn
 
 from dsp.parallelize.compile import exit_hook, stage_hooks
-from dsp.parallelize.cost import PlanCost, hook_bytes, imbalance, legal, simulate
+from dsp.parallelize.cost import PlanCost, hook_bytes, imbalance, legal, region_calls, simulate
 from dsp.parallelize.declared import Declarations, read_declarations, stage_modules, stream_of
 from dsp.parallelize.plan import Plan, PlanError, Stage, Stream
 from dsp.parallelize.trace import Call, Trace, declare_trace, trace_model
@@ -142,14 +142,7 @@ def _sites(rec: Recording) -> List[_Site]:
     live: Dict[str, Tuple[int, int]] = {}
     sites: List[_Site] = []
     for s in rec.streams:
-        entry = next((c for c in trace.calls if c.module == s.entry), None)
-        exit_ = next(
-            (c for c in trace.calls if c.module == s.exit and entry and c.start > entry.start),
-            None,
-        )
-        if entry is None or exit_ is None:
-            missing = s.entry if entry is None else s.exit
-            raise PlanError(f"stream {s.name!r}: module {missing!r} never ran (after its entry)")
+        entry, exit_ = region_calls(trace, s)
         end = exit_.start if s.exit_arg is not None else exit_.end
         live[s.name] = (entry.start, end)
         sites.append(_Site("entry", s.name, entry, entry.start - 0.5))

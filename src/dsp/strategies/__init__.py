@@ -109,7 +109,9 @@ def load_plan(plan: Any) -> Any:
     try:
         return Plan.from_json(path.read_text())
     except OSError as e:
-        raise ValueError(f"--plan {plan}: not 'auto', 'hand' or a readable plan file ({e})") from None
+        raise ValueError(
+            f"--plan {plan}: not 'auto', 'hand' or a readable plan file ({e})"
+        ) from None
 
 
 def meta_like(*tensors: Any) -> tuple:

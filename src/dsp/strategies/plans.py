@@ -25,6 +25,7 @@ from typing import Any, List, Optional
 from torch import nn
 
 from dsp.parallelize import Plan, PlanError, Stage, record
+from dsp.parallelize.cost import region_calls
 from dsp.parallelize.declared import Declarations
 
 __all__ = ["attention_plan", "dsp_plan", "megatron_plan"]
@@ -41,11 +42,9 @@ def _recording(model: nn.Module, example_inputs: Any, declare=None, streams=None
 def _region(rec, stream: str) -> List[str]:
     """Modules called inside the stream's sharded region, in call order, once each."""
     s = next(x for x in rec.streams if x.name == stream)
-    calls = rec.trace.calls
-    entry = next(c for c in calls if c.module == s.entry)
-    exit_ = next(c for c in calls if c.module == s.exit and c.start > entry.start)
+    entry, exit_ = region_calls(rec.trace, s)
     seen: List[str] = []
-    for c in calls:
+    for c in rec.trace.calls:
         if entry.start <= c.start <= exit_.end and c.module not in seen:
             seen.append(c.module)
     return seen
