@@ -151,3 +151,25 @@ def test_recording_on_meta_costs_no_memory():
     )
     assert dict(rec.trace.sizes)["S"] == 4096
     assert rec.cost(rec.plan(8), 8).total == rec.cost(hand_plan(model), 8).total
+
+
+def test_user_overrides_and_the_planner_completes_the_rest():
+    from tests.parallelize._folded import folded
+
+    model, inputs = folded.make()
+    rec = P.record(model, inputs, streams=folded.STREAMS, declare=folded.DECLARE)
+    free = rec.plan(3)
+    kinds = {st.module: st.kind for st in free.stages}
+    assert kinds["full"] == "heads"
+    ring = rec.plan(3, overrides={"full": "ring"})
+    assert {st.module: st.kind for st in ring.stages}["full"] == "ring"
+    assert rec.cost(ring, 3).total > rec.cost(free, 3).total
+    # whole only by choice: at N = 3 its all-gather + reduce-scatter (2 (N-1) M) sends less
+    # than Ulysses' four switches (4 (N-1)/N M), but every rank would compute all of it
+    whole = rec.plan(3, overrides={"full": "whole"})
+    assert {st.module: st.kind for st in whole.stages}["full"] == "whole"
+    assert rec.cost(whole, 3).total < rec.cost(free, 3).total
+    pinned = rec.plan(3, overrides={"temporal.*": ("compute", "S"), "spatial.*": "compute"})
+    assert all(st.shard == "S" for st in pinned.stages if st.module.startswith("temporal."))
+    with pytest.raises(PlanError, match=r"override 'temporal.\*' -> \('compute', 'F'\).*options"):
+        rec.plan(3, overrides={"temporal.*": ("compute", "F")})  # it computes over F

@@ -67,14 +67,18 @@ class Recording:
         """Dry-run ``plan``: check it and count its bytes (see :func:`simulate`)."""
         return simulate(plan, self.trace, self.decl, world_size, even_only=even_only)
 
-    def plan(self, world_size: int, *, even_only: bool = False, kinds=None) -> Plan:
+    def plan(self, world_size: int, *, even_only: bool = False, kinds=None, overrides=None) -> Plan:
         """The plan with the fewest bytes (ties: the most even shards, the simpler kind).
 
         ``kinds``: the stage kinds the search may use (default: compute, heads, ring, whole).
+        ``overrides``: ``{module pattern: kind}`` or ``{pattern: (kind, shard)}``, the user's
+        own choice for the stages it matches (``{"blocks.*.attn_temp": ("compute", "S")}``,
+        ``{"full": "ring"}``); the planner completes the rest around them.
         """
         search = _Search(
             self, world_size, even_only, kinds or ("compute", "heads", "ring", "whole")
         )
+        search.overrides = dict(overrides or {})
         best_cost, choices = search.run(_sites(self))
         plan = search.build(choices)
         check = self.cost(plan, world_size, even_only=even_only).total
@@ -125,10 +129,18 @@ def record(
 
 
 def plan_model(
-    model: nn.Module, inputs: Any, world_size: int, *, even_only: bool = False, **options
+    model: nn.Module,
+    inputs: Any,
+    world_size: int,
+    *,
+    even_only: bool = False,
+    overrides: Optional[Mapping[str, Any]] = None,
+    **options,
 ) -> Plan:
-    """The planner's plan for ``model`` on ``world_size`` ranks (options as :func:`record`)."""
-    return record(model, inputs, **options).plan(world_size, even_only=even_only)
+    """The planner's plan for ``model`` on ``world_size`` ranks (options as :func:`record`;
+    ``overrides`` as :meth:`Recording.plan`)."""
+    rec = record(model, inputs, **options)
+    return rec.plan(world_size, even_only=even_only, overrides=overrides)
 
 
 def _contains(outer: Call, inner: Call) -> bool:
@@ -307,8 +319,10 @@ class _Search:
                 cands.append(Stage(module, stream.name, compute, "H", "heads", rest=cur))
             if "ring" in self.kinds and self.rec.trace.inside(site.call):
                 cands.append(Stage(module, stream.name, compute, cur, "ring", rest=cur))
+        whole = Stage(module, stream.name, compute, None, "whole", rest=cur)
         if "whole" in self.kinds and not out_stream and not cands:  # N x the compute: last resort
-            cands.append(Stage(module, stream.name, compute, None, "whole", rest=cur))
+            cands.append(whole)
+        cands = self.chosen(module, cands, [] if out_stream or whole in cands else [whole])
         if not cands:
             raise PlanError(
                 f"stage {module!r} computes over {compute} of stream {stream.name!r} "
@@ -324,6 +338,25 @@ class _Search:
             imb = imbalance(self.size(st.shard), self.n) if st.kind == "compute" else Fraction(0)
             out.append((state, (b, imb, RANK[st.kind]), ("stage", st, site, state)))
         return out
+
+    def chosen(self, module: str, cands: List[Stage], extra: List[Stage]) -> List[Stage]:
+        """The candidates the user's override for ``module`` allows (``extra``: options only
+        an override selects, such as ``whole`` where something cheaper exists)."""
+        from dsp.parallelize.declared import matches
+
+        for pattern, want in self.overrides.items():
+            if not matches(module, pattern):
+                continue
+            kind, shard = (want, None) if isinstance(want, str) else tuple(want)
+            keep = [st for st in cands + extra if st.kind == kind and shard in (None, st.shard)]
+            if not keep:
+                options = [(st.kind, st.shard) for st in cands + extra]
+                raise PlanError(
+                    f"override {pattern!r} -> {want!r}: stage {module!r} cannot run that way "
+                    f"here (its options: {options})"
+                )
+            return keep
+        return cands
 
     def _heads(self, call: Call) -> Optional[int]:
         lay = self.rec.decl.sdpa[call.module]
