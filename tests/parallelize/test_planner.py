@@ -173,3 +173,20 @@ def test_user_overrides_and_the_planner_completes_the_rest():
     assert all(st.shard == "S" for st in pinned.stages if st.module.startswith("temporal."))
     with pytest.raises(PlanError, match=r"override 'temporal.\*' -> \('compute', 'F'\).*options"):
         rec.plan(3, overrides={"temporal.*": ("compute", "F")})  # it computes over F
+
+
+def test_a_price_per_collective_steers_the_search():
+    """A link where all-to-alls are slow (a price per collective, as a cluster model gives)
+    turns the full attention from Ulysses' heads into ring attention; bytes prefer heads."""
+    from tests.parallelize._folded import folded
+
+    model, inputs = folded.make()
+    rec = P.record(model, inputs, streams=folded.STREAMS, declare=folded.DECLARE)
+
+    def slow_all_to_all(act, fwd, bwd):
+        a2a = act.op == "switch" or act.kind in ("heads", "usp")
+        return (fwd + bwd) * (10 if a2a else 1)
+
+    by_bytes = {st.module: st.kind for st in rec.plan(3).stages}
+    by_time = {st.module: st.kind for st in rec.plan(3, price=slow_all_to_all).stages}
+    assert by_bytes["full"] == "heads" and by_time["full"] == "ring"

@@ -21,7 +21,7 @@ from dsp.parallelize.declared import Declarations
 from dsp.parallelize.plan import RUNS, Plan, PlanError, Stage
 from dsp.parallelize.trace import Call, TensorInfo, Trace
 
-__all__ = ["PlanCost", "hook_bytes", "imbalance", "legal", "resolve_rests", "simulate"]
+__all__ = ["PlanCost", "act_costs", "hook_bytes", "imbalance", "legal", "resolve_rests", "simulate"]
 
 
 @dataclass
@@ -81,8 +81,16 @@ def hook_bytes(
     hook: Hook, call: Call, trace: Trace, n: int, sizes: Optional[Dict[str, int]] = None
 ) -> Tuple[int, int]:
     """``(forward, backward)`` bytes of ``hook``'s acts at ``call``; binds their layouts."""
-    sizes = dict(trace.sizes) if sizes is None else sizes
     fwd = bwd = 0
+    for _act, f, b in act_costs(hook, call, trace, n, sizes):
+        fwd, bwd = fwd + f, bwd + b
+    return fwd, bwd
+
+
+def act_costs(hook: Hook, call: Call, trace: Trace, n: int, sizes: Optional[Dict[str, int]] = None):
+    """``(act, forward bytes, backward bytes)`` for each collective ``hook`` issues at
+    ``call`` (an attention act once per attention call inside it)."""
+    sizes = dict(trace.sizes) if sizes is None else sizes
     for act in hook.acts:
         if act.op == "buffers":
             continue
@@ -98,8 +106,7 @@ def hook_bytes(
             for a in attends:
                 local = dict(sizes)
                 _bind(act, a.q, local, f"{call.module!r} attention q")
-                f, b = act_bytes(act, a.q, local, n)
-                fwd, bwd = fwd + f, bwd + b
+                yield (act, *act_bytes(act, a.q, local, n))
             continue
         info = _tensor(act, hook.side, call, trace, sizes)
         if info is None and act.op == "split":  # a companion not passed at this call
@@ -113,9 +120,7 @@ def hook_bytes(
         local = dict(sizes)  # what an act learns (a companion's D) stays with it
         where = "input" if hook.side == "pre" else "output"
         _bind(act, info, local, f"{call.module!r} {where} {act.key!r}")
-        f, b = act_bytes(act, info, local, n)
-        fwd, bwd = fwd + f, bwd + b
-    return fwd, bwd
+        yield (act, *act_bytes(act, info, local, n))
 
 
 def _bind(act: Act, info: TensorInfo, sizes: Dict[str, int], what: str) -> None:

@@ -16,7 +16,7 @@ over the recorded calls in forward order; the state is the resting dim of every 
 
 Every option is costed by compiling it into the acts the model would run
 (:func:`~dsp.parallelize.compile.stage_hooks`) and counting their bytes on the recorded
-calls (:func:`~dsp.parallelize.cost.hook_bytes`): the planner, the dry run and the hooks share
+calls (:func:`~dsp.parallelize.cost.act_costs`): the planner, the dry run and the hooks share
 one interpreter. The cost is ``(bytes, imbalance, kind)`` compared lexicographically: exact
 bytes of every collective summed over ranks, forward and backward; then how much larger
 the largest shard is than an even share; then the simpler kind.
@@ -26,12 +26,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
-from dsp.parallelize.compile import exit_hook, stage_hooks
-from dsp.parallelize.cost import PlanCost, hook_bytes, imbalance, legal, region_calls, simulate
+from dsp.parallelize.compile import Act, exit_hook, stage_hooks
+from dsp.parallelize.cost import (
+    PlanCost,
+    act_costs,
+    imbalance,
+    legal,
+    region_calls,
+    simulate,
+)
 from dsp.parallelize.declared import Declarations, read_declarations, stage_modules, stream_of
 from dsp.parallelize.plan import Plan, PlanError, Stage, Stream
 from dsp.parallelize.trace import Call, Trace, declare_trace, trace_model
@@ -67,22 +74,35 @@ class Recording:
         """Dry-run ``plan``: check it and count its bytes (see :func:`simulate`)."""
         return simulate(plan, self.trace, self.decl, world_size, even_only=even_only)
 
-    def plan(self, world_size: int, *, even_only: bool = False, kinds=None, overrides=None) -> Plan:
+    def plan(
+        self,
+        world_size: int,
+        *,
+        even_only: bool = False,
+        kinds=None,
+        overrides=None,
+        price: Optional[Callable[[Act, int, int], float]] = None,
+    ) -> Plan:
         """The plan with the fewest bytes (ties: the most even shards, the simpler kind).
 
         ``kinds``: the stage kinds the search may use (default: compute, heads, ring, whole).
         ``overrides``: ``{module pattern: kind}`` or ``{pattern: (kind, shard)}``, the user's
         own choice for the stages it matches (``{"blocks.*.attn_temp": ("compute", "S")}``,
         ``{"full": "ring"}``); the planner completes the rest around them.
+        ``price(act, forward_bytes, backward_bytes)``: what one collective costs (e.g. its
+        time on a described cluster: latency per message, the bandwidth of the link the
+        group spans, all-to-all efficiency); default: its bytes. The search minimizes the
+        sum; the plan's bytes are still checked against the dry run.
         """
         search = _Search(
             self, world_size, even_only, kinds or ("compute", "heads", "ring", "whole")
         )
         search.overrides = dict(overrides or {})
+        search.price = price
         best_cost, choices = search.run(_sites(self))
         plan = search.build(choices)
         check = self.cost(plan, world_size, even_only=even_only).total
-        if check != best_cost[0]:  # the planner and the dry run must agree to the byte
+        if price is None and check != best_cost[0]:  # planner and dry run agree to the byte
             raise RuntimeError(f"dsp planner: planned {best_cost[0]} bytes, dry run {check}")
         return plan
 
@@ -204,6 +224,8 @@ class _Search:
         self.size, self.n, self.even_only = rec.trace.size, n, even_only
         self.kinds = kinds
         self.bare = Plan(rec.streams)
+        self.overrides: Dict[str, Any] = {}
+        self.price: Optional[Callable[[Act, int, int], float]] = None
 
     def legal_dims(self, stream: Stream, exclude=(), within=None) -> List[str]:
         return [
@@ -214,17 +236,17 @@ class _Search:
             and legal(self.size(d), self.n, self.even_only)
         ]
 
-    def bytes_of(self, st: Stage, call: Call, operands=()) -> int:
-        """Forward + backward bytes of ``st`` at ``call`` (and its operands' gathers)."""
+    def bytes_of(self, st: Stage, call: Call, operands=()):
+        """What ``st`` costs at ``call`` with its operands' gathers: forward + backward bytes,
+        or the sum of ``price(act, fwd, bwd)`` over its collectives when a price is given."""
         total = 0
-        for hook in stage_hooks(0, st, self.bare, self.rec.decl):
-            f, b = hook_bytes(hook, call, self.rec.trace, self.n)
-            total += f + b
+        hooks = [(h, call) for h in stage_hooks(0, st, self.bare, self.rec.decl)]
         for op in operands:
             g = Stage(op.module, _op_stream(self.rec, op), kind="gather_output", shard="_")
-            for hook in stage_hooks(0, g, self.bare, self.rec.decl):
-                f, b = hook_bytes(hook, op, self.rec.trace, self.n)
-                total += f + b
+            hooks += [(h, op) for h in stage_hooks(0, g, self.bare, self.rec.decl)]
+        for hook, at in hooks:
+            for act, f, b in act_costs(hook, at, self.rec.trace, self.n):
+                total += f + b if self.price is None else self.price(act, f, b)
         return total
 
     def run(self, sites: List[_Site]) -> Tuple[Cost, List]:
@@ -273,8 +295,12 @@ class _Search:
                 )
             return out
         if site.kind == "exit":
-            f, b = hook_bytes(exit_hook(stream, cur), site.call, self.rec.trace, self.n)
-            return [(put(None), (f + b, Fraction(0), 0), None)]
+            hook = exit_hook(stream, cur)
+            total = sum(
+                f + b if self.price is None else self.price(act, f, b)
+                for act, f, b in act_costs(hook, site.call, self.rec.trace, self.n)
+            )
+            return [(put(None), (total, Fraction(0), 0), None)]
         if site.kind == "operand":
             st = Stage(site.call.module, stream.name, kind="gather_output", shard=cur)
             return [(state, (self.bytes_of(st, site.call), Fraction(0), 0), ("stage", st))]
