@@ -190,3 +190,35 @@ def test_a_price_per_collective_steers_the_search():
     by_bytes = {st.module: st.kind for st in rec.plan(3).stages}
     by_time = {st.module: st.kind for st in rec.plan(3, price=slow_all_to_all).stages}
     assert by_bytes["full"] == "heads" and by_time["full"] == "ring"
+
+
+def test_time_on_a_cluster_changes_the_plan_where_latency_dominates():
+    """On NVLink the folded example's tiny full attention is latency-bound: ring attention's
+    3 messages (1 forward, 2 backward at N = 2) beat Ulysses' 8 all-to-alls though they send
+    more bytes; the time-aware plan is faster in the link model, the bytes plan smaller."""
+    from dsp.parallelize import compile_plan
+    from dsp.parallelize.cost import act_costs
+    from dsp.sim.hardware import cluster
+    from dsp.sim.plan_price import link_price
+    from tests.parallelize._folded import folded
+
+    model, inputs = folded.make()
+    rec = P.record(model, inputs, streams=folded.STREAMS, declare=folded.DECLARE)
+    price = link_price(cluster("8xh100-nvlink"), 2)
+
+    def seconds(plan):
+        by_module = {}
+        for hook in compile_plan(plan, rec.decl):
+            by_module.setdefault(hook.module, []).append(hook)
+        return sum(
+            price(a, f, b)
+            for call in rec.trace.calls
+            for hook in by_module.get(call.module, ())
+            for a, f, b in act_costs(hook, call, rec.trace, 2)
+        )
+
+    by_bytes, by_time = rec.plan(2), rec.plan(2, price=price)
+    kinds = [{st.module: st.kind for st in p.stages}["full"] for p in (by_bytes, by_time)]
+    assert kinds == ["heads", "ring"]
+    assert seconds(by_time) < seconds(by_bytes)
+    assert rec.cost(by_time, 2).total > rec.cost(by_bytes, 2).total

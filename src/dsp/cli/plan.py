@@ -41,6 +41,11 @@ def add_parser(sub) -> None:
     p.add_argument("--plan", type=Path, help="check/cost this plan (JSON) instead of planning")
     p.add_argument("--dry-run", action="store_true", help="validate the plan, print OK or why not")
     p.add_argument("--json", type=Path, help="write the plan as JSON to this path")
+    p.add_argument(
+        "--cluster",
+        help="plan for time on this cluster (dsp simulate's presets, e.g. 8xh100-nvlink, "
+        "2x8xh100-ib, or a JSON file) instead of bytes; prints both plans' predicted time",
+    )
     p.set_defaults(func=run)
 
 
@@ -59,6 +64,39 @@ def example_inputs(name: str, model: torch.nn.Module, args: Any) -> Tuple[torch.
     return (video, timestep, text)
 
 
+def _price(spec: str, n: int):
+    """The planner's price: predicted seconds per collective on the cluster ``spec``."""
+    from dsp.sim.hardware import cluster
+    from dsp.sim.plan_price import link_price
+
+    return link_price(cluster(spec), n, itemsize_scale=0.5)  # recorded fp32, the target bf16
+
+
+def _compare(rec, plan: Plan, n: int, args, price) -> None:
+    """Predicted communication time of this plan and of the bytes-only plan."""
+    from dsp.parallelize import compile_plan
+    from dsp.parallelize.cost import act_costs, resolve_rests
+
+    def seconds(p: Plan) -> float:
+        hooks = compile_plan(resolve_rests(p, rec.trace), rec.decl)
+        by_module = {}
+        for h in hooks:
+            by_module.setdefault(h.module, []).append(h)
+        total = 0.0
+        for call in rec.trace.calls:
+            for h in by_module.get(call.module, ()):
+                total += sum(price(a, f, b) for a, f, b in act_costs(h, call, rec.trace, n))
+        return total
+
+    by_bytes = rec.plan(n, even_only=args.even_only)
+    mine, other = seconds(plan), seconds(by_bytes)
+    same = "the same plan as" if by_bytes == plan else "a different plan from"
+    print(
+        f"on {args.cluster} (bf16): this plan communicates {mine * 1e3:.3f} ms per step; "
+        f"it is {same} the bytes-only planner's ({other * 1e3:.3f} ms)"
+    )
+
+
 def run(args) -> int:
     from dsp.models import build_model
 
@@ -67,14 +105,15 @@ def run(args) -> int:
         with torch.device("meta"):
             model = build_model(args.model)
         rec = record(model, example_inputs(args.model, model, args))
+        price = _price(args.cluster, n) if args.cluster else None
         plan = (
             Plan.from_json(args.plan.read_text())
             if args.plan
-            else rec.plan(n, even_only=args.even_only)
+            else rec.plan(n, even_only=args.even_only, price=price)
         )
         check_plan(plan, model)
         cost = rec.cost(plan, n, even_only=args.even_only)
-    except (PlanError, KeyError) as e:
+    except (PlanError, KeyError, ValueError) as e:
         msg = e.args[0] if e.args else e
         print(f"dsp plan: {'dry run failed' if args.dry_run else 'error'}: {msg}", file=sys.stderr)
         return 1
@@ -110,6 +149,8 @@ def run(args) -> int:
         )
     except PlanError as e:
         print(f"hand-written plan (the paper's placement) is not legal here: {e}")
+    if price is not None:
+        _compare(rec, plan, n, args, price)
     if args.json:
         args.json.write_text(plan.to_json() + "\n")
         print(f"plan written to {args.json}")
