@@ -119,17 +119,30 @@ def _pre(hook: Hook, sig: Args, rt: Runtime, mod: nn.Module):
             x = sig.get(args, kwargs, act.key)
             if x is MISSING or x is None:
                 continue
-            if not torch.is_tensor(x):
+            what = f"{hook.module!r} input {act.key!r}"
+            if act.op == "split" and _tensors(x):  # a tuple companion: (cos, sin) tables
+                y = type(x)(rt.run(act, t, f"{what}[{i}]") for i, t in enumerate(x))
+            elif torch.is_tensor(x):
+                y = rt.run(act, x, what)
+            else:
                 raise PlanError(
                     f"{hook.module!r}: input {act.key!r} ({act.layout}) is a "
                     f"{type(x).__name__}, not a tensor"
+                    + (
+                        " (a tuple of tensors is split element by element)"
+                        if act.op == "split"
+                        else ""
+                    )
                 )
-            args, kwargs = sig.set(
-                args, kwargs, act.key, rt.run(act, x, f"{hook.module!r} input {act.key!r}")
-            )
+            args, kwargs = sig.set(args, kwargs, act.key, y)
         return args, kwargs
 
     return run
+
+
+def _tensors(x: Any) -> bool:
+    """A tuple or list of tensors (a companion whose every element has the declared layout)."""
+    return isinstance(x, (tuple, list)) and len(x) > 0 and all(torch.is_tensor(t) for t in x)
 
 
 def _post(hook: Hook, rt: Runtime, mod: nn.Module, mods):

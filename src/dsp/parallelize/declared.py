@@ -68,10 +68,15 @@ class Declarations:
         return self.inputs.get(module) or {0: stream.entry_layout}
 
     def split_inputs(self, module: str, stream: Stream):
-        """``(stream inputs, companions)`` of ``module``: ``{arg: layout}`` each."""
+        """``(stream inputs, companions)`` of ``module``: ``{arg: layout}`` each.
+
+        A stream input holds every dim of the stream but, perhaps, its last (channels); a
+        table over the sequence dims without the batch (rotary ``"1 (F S) 1 D"``) is a
+        companion."""
         main, extra = {}, {}
+        need = set(stream.seq) | set(stream.dims[:-1])
         for arg, lay in self.input_layouts(module, stream).items():
-            (main if set(stream.seq) <= set(lay.names) else extra)[arg] = lay
+            (main if need <= set(lay.names) else extra)[arg] = lay
         return main, extra
 
     def output_layouts(self, module: str, stream: Stream) -> Dict[Optional[int], Layout]:

@@ -24,6 +24,7 @@ from dsp.layout import Layout, LayoutError
 from dsp.mesh import group_info, split_group
 from dsp.parallelize.compile import Act
 from dsp.parallelize.plan import PlanError
+from dsp.parallelize.trace import sdpa_arguments
 
 __all__ = ["Runtime"]
 
@@ -123,8 +124,8 @@ class Runtime:
 
     def attend(self, act: Act, func, args, kwargs):
         """One ``scaled_dot_product_attention`` call as ``act.kind`` over ``act.src``."""
-        q, k, v = args[:3]
-        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        (q, k, v), args, kwargs = sdpa_arguments(args, kwargs)
+        mask = kwargs.get("attn_mask", args[0] if args else None)
         if mask is not None or kwargs.get("is_causal"):
             raise PlanError(
                 f"{act.label}: a {act.kind} attention over the sharded dim {act.src!r} takes no "
@@ -136,7 +137,7 @@ class Runtime:
             self.bind(lay, t, src, f"{act.label} attention {name}", sz)
         if act.kind == "heads":
             qkv = [self._heads_in(lay, t, src, self.group, sz[src], sz) for t in (q, k, v)]
-            out = func(*qkv, *args[3:], **kwargs)
+            out = func(*qkv, *args, **kwargs)
             return self._heads_out(lay, out, src, self.group, sz[src], sz)
         rest = {k: v for k, v in kwargs.items() if k not in ("attn_mask", "is_causal")}
         d = q.shape[-1]

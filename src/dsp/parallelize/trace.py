@@ -127,6 +127,18 @@ class _Watched(torch.Tensor):
     on_use = staticmethod(lambda: None)
 
 
+def sdpa_arguments(args: tuple, kwargs: dict):
+    """``((q, k, v), other args, other kwargs)`` of a ``scaled_dot_product_attention`` call,
+    whether q, k, v came by position or as ``query=``, ``key=``, ``value=`` (diffusers'
+    native attention backend passes them by keyword)."""
+    kwargs = dict(kwargs)
+    args = list(args)
+    qkv = []
+    for name in ("query", "key", "value"):
+        qkv.append(kwargs.pop(name) if name in kwargs else args.pop(0))
+    return tuple(qkv), tuple(args), kwargs
+
+
 class _AttendSpy(TorchFunctionMode):
     def __init__(self, record):
         super().__init__()
@@ -135,7 +147,8 @@ class _AttendSpy(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            self.record(*[_info(a) for a in args[:3]])
+            qkv, _, _ = sdpa_arguments(args, kwargs)
+            self.record(*[_info(a) for a in qkv])
         return func(*args, **kwargs)
 
 
