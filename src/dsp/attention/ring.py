@@ -86,11 +86,25 @@ def ring_bytes(
 
 
 # ----------------------------------------------------------------------------- block math
+def _fused(x: Tensor) -> bool:
+    """Whether torch's fused CPU kernel (flash attention returning the log-sum-exp) runs it."""
+    return x.device.type == "cpu" and hasattr(
+        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"
+    )
+
+
 def _block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
     """Attention of ``q (B, Lq, H, D)`` to one block ``k, v (B, Lk, H, D)``; Lk > 0.
 
-    Returns ``out (B, Lq, H, D)`` and ``lse (B, H, Lq)``, in the inputs' dtype.
+    Returns ``out (B, Lq, H, D)`` and ``lse (B, H, Lq)``, in the inputs' dtype. On CPU it is
+    torch's fused flash kernel (the one ``scaled_dot_product_attention`` uses), elsewhere the
+    same math in einsum.
     """
+    if _fused(q):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
+        )  # (B, H, Lq, D), (B, H, Lq)
+        return out.transpose(1, 2), lse.to(q.dtype)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale  # (B, H, Lq, Lk)
     lse = torch.logsumexp(s, dim=-1)  # (B, H, Lq)
     p = torch.exp(s - lse.unsqueeze(-1))
@@ -108,12 +122,21 @@ def _merge(
 
 
 def _block_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, scale: float
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of one block from recomputed probabilities; returns ``dq, dk, dv``.
 
-    ``lse``, ``delta = rowsum(dout * out)``: ``(B, H, Lq)`` over the full sequence.
+    ``out`` and ``lse`` are the attention over the full sequence (``out (B, Lq, H, D)``,
+    ``lse (B, H, Lq)``): the block's probabilities are ``exp(s - lse)`` and the softmax
+    correction uses ``rowsum(dout * out)``, so the fused kernel's backward applies per block.
     """
+    if _fused(q):
+        t = [x.transpose(1, 2) for x in (dout, q, k, v, out)]  # (B, H, L, D)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            *t, lse.float() if q.dtype != torch.float64 else lse, 0.0, False, scale=scale
+        )
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    delta = (dout * out).sum(-1).transpose(1, 2)  # (B, Lq, H) -> (B, H, Lq)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale  # (B, H, Lq, Lk)
     p = torch.exp(s - lse.unsqueeze(-1))
     dv = torch.einsum("bhqk,bqhd->bkhd", p, dout)  # (B, Lk, H, D)
@@ -173,8 +196,7 @@ class _RingAttention(torch.autograd.Function):
         info, sizes, scale = ctx.info, ctx.sizes, ctx.scale
         n, r = info.size, info.rank
         acc = lse.dtype
-        qa, da = q.to(acc), dout.to(acc)
-        delta = (da * out.to(acc)).sum(-1).transpose(1, 2)  # (B, Lq, H) -> (B, H, Lq)
+        qa, da, oa = q.to(acc), dout.to(acc), out.to(acc)
         dq = torch.zeros_like(qa)
         dkv_in: Optional[Tensor] = None  # dk/dv of the block at hand, summed by ranks before
         works: list = []
@@ -182,7 +204,7 @@ class _RingAttention(torch.autograd.Function):
             dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)  # (2, B, L_owner, H, D)
             if q.shape[1] and kv.shape[2]:
                 kva = kv.to(acc)
-                dq_b, dk_b, dv_b = _block_backward(da, qa, kva[0], kva[1], lse, delta, scale)
+                dq_b, dk_b, dv_b = _block_backward(da, qa, kva[0], kva[1], oa, lse, scale)
                 dq += dq_b
                 dkv = torch.stack([dk_b, dv_b])
             if n == 1:
