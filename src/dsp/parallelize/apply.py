@@ -61,6 +61,8 @@ class Parallelized:
             self.tp_params = apply_param_styles(self.model, self.plan.params, self.info)
             mods = dict(self.model.named_modules())
         rt = self.runtime
+        for u in sorted({a.degree or 1 for h in self.hooks for a in h.acts if a.kind == "usp"}):
+            rt.usp_groups(u)  # every rank makes the subgroups together, before any forward
         self.handles.append(self.model.register_forward_pre_hook(rt.reset, prepend=True))
         for hook in self.hooks:
             mod = mods[hook.module]
