@@ -87,16 +87,13 @@ def _worker(
     env,
     conn,
     netns,
-    heartbeats,
+    stamps,
     owner,
 ):
-    from dsp.watchdog import die_with_parent
-
-    die_with_parent(owner)  # SIGKILL when the launcher dies, however it dies
+    # (the bootstrap set the parent-death signal and started the heartbeat on ``stamps``)
     # Ctrl-C in a terminal reaches every process of the foreground group: the launcher alone
     # handles it (and ends the ranks), so a rank never dies half-way through a reply
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    heartbeats.start(rank)
     if netns is not None:
         # before torch starts any thread or socket: everything after is in the namespace
         enter_netns(netns)
@@ -132,6 +129,28 @@ def _worker(
             conn.send((False, f"{type(e).__name__}: {e}\n{msg}"))
     dist.destroy_process_group()
 
+
+#: The first thing a rank runs (``exec`` in the spawned process): ``PR_SET_PDEATHSIG`` =
+#: SIGKILL, exit if the launcher (the last argument) is already gone, start the heartbeat
+#: thread, then import dsp (and torch: seconds) and serve. A launcher killed during the
+#: imports takes its ranks with it, and a rank stopped during them stops beating.
+_BOOTSTRAP = """
+import ctypes, ctypes.util, os, signal
+try:
+    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(1, signal.SIGKILL, 0, 0, 0)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != _args[-1]:
+    os._exit(1)
+import threading, time
+def _beat(stamps=_args[-2], rank=_args[0]):  # dsp.watchdog.Heartbeats, before the imports
+    while True:
+        stamps[rank] = time.monotonic()
+        time.sleep(0.5)
+threading.Thread(target=_beat, name="dsp-heartbeat", daemon=True).start()
+from dsp.launch import _worker
+_worker(*_args)
+"""
 
 #: Seconds the launcher waits for the other ranks' errors after a rank died or hung.
 GRACE_AFTER_DEATH = 2.0
@@ -216,31 +235,37 @@ class RankPool:
         ]
         self._procs = [
             ctx.Process(
-                target=_worker,
+                # the target is the builtin exec, so that unpickling it imports nothing: the
+                # rank asks for its parent-death signal before importing dsp and torch (seconds)
+                target=exec,
                 args=(
-                    r,
-                    world_size,
-                    addr,
-                    port,
-                    backend,
-                    self.timeout,
-                    threads,
-                    list(sys.path),
-                    envs[r],
-                    pipes[r][1],
-                    netns[r] if netns is not None else None,
-                    self._heartbeats,
-                    owner,
-                ),
+                    _BOOTSTRAP,
+                    {
+                        "_args": (
+                            r,
+                            world_size,
+                            addr,
+                            port,
+                            backend,
+                            self.timeout,
+                            threads,
+                            list(sys.path),
+                            envs[r],
+                            pipes[r][1],
+                            netns[r] if netns is not None else None,
+                            self._heartbeats.stamps,  # not the object: no dsp import
+                            owner,
+                        )
+                    },
+                ),  # fmt: skip
                 daemon=True,
             )
             for r in range(world_size)
         ]
         try:
             for p, rank_environ in zip(self._procs, envs):
-                # The child imports torch while unpickling its target, before _worker runs: put
-                # its environment in place at spawn time too (e.g. TORCH_CPP_LOG_LEVEL), then
-                # restore ours.
+                # The child imports torch before _worker applies ``env``: put its environment
+                # in place at spawn time too (e.g. TORCH_CPP_LOG_LEVEL), then restore ours.
                 with _environ(rank_environ):
                     p.start()
         except BaseException:

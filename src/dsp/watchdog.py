@@ -73,13 +73,22 @@ class Heartbeats:
     def __init__(self, ctx, world_size: int):
         self._stamps = ctx.RawArray("d", world_size)
 
+    @property
+    def stamps(self):
+        """The shared array (what a rank process receives: it unpickles without dsp)."""
+        return self._stamps
+
     def start(self, rank: int) -> None:
-        stamps = self._stamps
+        self.start_on(self._stamps, rank)
+
+    @classmethod
+    def start_on(cls, stamps, rank: int) -> None:
+        """Start rank ``rank``'s heartbeat thread on the shared array ``stamps``."""
 
         def beat():
             while True:
                 stamps[rank] = time.monotonic()
-                time.sleep(self.period)
+                time.sleep(cls.period)
 
         threading.Thread(target=beat, name="dsp-heartbeat", daemon=True).start()
 

@@ -66,21 +66,22 @@ def test_a_rank_dies_or_stops(tmp_path, command, sig):
     assert leaked_shm(before) == set()
 
 
-@pytest.mark.parametrize("command", ["train", "sample"])
-def test_the_launcher_is_killed(tmp_path, command):
-    """SIGKILL of the parent: no handler runs, the ranks die with it (parent-death signal) and
-    the resource tracker then unlinks the queues' semaphores."""
+@pytest.mark.parametrize("command, when", [("train", "running"), ("sample", "running"),
+                                           ("train", "starting")])  # fmt: skip
+def test_the_launcher_is_killed(tmp_path, command, when):
+    """SIGKILL of the parent: no handler runs, the ranks die with it (the parent-death signal,
+    set before a rank imports torch), and nothing is left in /dev/shm."""
     before = shm_entries()
     job = _start(TRAIN if command == "train" else SAMPLE, tmp_path)
     try:
-        ranks = _running(job)
+        ranks = _running(job) if when == "running" else job.ranks(2)  # starting: importing
         job.signal(signal.SIGKILL)
         start = time.monotonic()
         left = no_ranks_left(job.pid, wait=BOUND)
         took = time.monotonic() - start
     finally:
         job.kill()
-    _record(tmp_path, f"{command} launcher SIGKILL", took)
+    _record(tmp_path, f"{command} launcher SIGKILL ({when})", took)
     assert left == [] and took <= 5, (ranks, left)
     assert leaked_shm(before) == set()
 
