@@ -34,7 +34,7 @@ def check_sp_fits(cfg: TrainConfig, sp: int, model: Optional[nn.Module] = None) 
     The strategies shard the patched frames (T) and the patches of a frame (S) over the sp
     ranks; every rank needs at least one of each. (The primitives handle empty shards; the
     trainer's strategies and data-parallel wrappers are not tested with them, so they are
-    refused here, before any process group exists.)
+    refused here: in the CLI before any rank starts, in train() before the first collective.)
     """
     if sp <= 1:
         return
