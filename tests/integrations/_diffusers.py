@@ -1,0 +1,242 @@
+"""Per-rank bodies: diffusers' models, unchanged, under dsp.integrations.diffusers.
+
+Tiny random configs (no downloads), fp64, B = 2, F = 5 frames of 4 x 3 patches (uneven over
+2 and 3 ranks).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch.distributed as dist
+
+import dsp
+from dsp.integrations.diffusers import parallelize
+
+B, F, H, W = 2, 5, 8, 6  # latent frames and size; patches 2 x 2: 4 x 3 per frame
+
+
+def latte(frames: int = F):
+    from diffusers import LatteTransformer3DModel
+
+    torch.manual_seed(0)
+    model = LatteTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        video_length=frames,
+        caption_channels=16,
+        cross_attention_dim=16,
+    ).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 4, frames, H, W, generator=g, dtype=torch.float64)
+    text = torch.randn(B, 7, 16, generator=g, dtype=torch.float64)
+    return model, (x, {"timestep": torch.tensor([3, 500]), "encoder_hidden_states": text})
+
+
+def wan():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=3,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        rope_max_seq_len=32,
+    ).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 4, F, H, W, generator=g, dtype=torch.float64)
+    text = torch.randn(B, 7, 16, generator=g, dtype=torch.float64)
+    return model, (x, {"timestep": torch.tensor([3, 500]), "encoder_hidden_states": text})
+
+
+MODELS = {"latte": latte, "wan": wan}
+
+
+def _mean(t):
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
+def _run(model, inputs, w):
+    x = inputs[0].detach().clone().requires_grad_()
+    (out,) = model(x, **inputs[1], return_dict=False)
+    (out * w).sum().backward()
+    return out, x.grad
+
+
+#: Gradients' tolerance relative to each gradient's largest entry. Wan computes its norms and
+#: modulation in fp32 (``.float()``) even in an fp64 model, so its backward sums over tokens
+#: in fp32, in another order on a shard than in one process: 1e-7 relative, not 1e-16.
+GRAD_RTOL = {"latte": 0.0, "wan": 1e-6}
+
+
+def equality(name: str, strategy: str = "dsp", atol: float = 1e-9, frames: int = F, **options):
+    """Output, every parameter gradient and the input gradient equal one process; returns
+    this rank's bytes, the dry run's total and the plan's stage kinds."""
+    model, inputs = latte(frames) if name == "latte" else MODELS[name]()
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(2)
+    (out_ref,) = ref(inputs[0], **inputs[1], return_dict=False)
+    w = torch.randn(out_ref.shape, generator=g, dtype=out_ref.dtype)
+    ref.zero_grad()
+    out_ref, gx_ref = _run(ref, inputs, w)
+    handle = parallelize(model, strategy=strategy, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with dsp.comm_log() as log:
+            out, gx = _run(model, inputs, w)
+    handle.sync_grads()
+    torch.testing.assert_close(out, out_ref, atol=atol, rtol=0)
+    n_grads = 0
+    for (pname, a), b in zip(model.named_parameters(), ref.parameters()):
+        if b.grad is None:
+            assert a.grad is None, pname
+            continue
+        tol = max(atol, GRAD_RTOL[name] * b.grad.abs().max().item())
+        torch.testing.assert_close(a.grad, b.grad, atol=tol, rtol=0, msg=pname)
+        n_grads += 1
+    tol = max(atol, GRAD_RTOL[name] * gx_ref.abs().max().item())
+    torch.testing.assert_close(_mean(gx), gx_ref, atol=tol, rtol=0)
+    plan = handle.plan
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        _run(model, inputs, w)  # the same shapes: the same plan, no second warning
+    assert handle.plan is plan
+    caught += again
+    return {
+        "sent": log.sent("forward") + log.sent("backward"),
+        "predicted": handle.dry_run().total,
+        "kinds": [(st.kind, st.module) for st in plan.stages],
+        "plan": str(plan),
+        "grads": n_grads,
+        "warnings": [str(c.message) for c in caught if "dsp:" in str(c.message)],
+    }
+
+
+# ----------------------------------------------------------------------------- pipelines
+def latte_pipeline():
+    from diffusers import AutoencoderKL, DDIMScheduler, LattePipeline
+
+    model, _ = latte()
+    torch.manual_seed(3)
+    vae = AutoencoderKL(
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+    ).double()
+    pipe = LattePipeline(
+        tokenizer=None, text_encoder=None, vae=vae, transformer=model, scheduler=DDIMScheduler()
+    )
+    g = torch.Generator().manual_seed(4)
+    call = {
+        "negative_prompt": None,
+        "prompt_embeds": torch.randn(1, 7, 16, generator=g, dtype=torch.float64),
+        "negative_prompt_embeds": torch.randn(1, 7, 16, generator=g, dtype=torch.float64),
+        "video_length": F,
+        "height": 16,
+        "width": 24,
+        "num_inference_steps": 2,
+        "output_type": "latent",
+        "clean_caption": False,
+        "mask_feature": False,
+    }
+    return pipe, call
+
+
+def wan_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    model, _ = wan()
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        transformer=model,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+    g = torch.Generator().manual_seed(4)
+    call = {
+        "negative_prompt": None,
+        "prompt_embeds": torch.randn(1, 7, 16, generator=g, dtype=torch.float64),
+        "negative_prompt_embeds": torch.randn(1, 7, 16, generator=g, dtype=torch.float64),
+        "num_frames": 4 * (F - 1) + 1,  # F latent frames
+        "height": 64,
+        "width": 48,
+        "num_inference_steps": 2,
+        "output_type": "latent",
+    }
+    return pipe, call
+
+
+PIPELINES = {"latte": latte_pipeline, "wan": wan_pipeline}
+
+
+def pipeline_frames(name: str, strategy: str = "dsp"):
+    """``pipe(...)`` after ``parallelize(pipe)`` returns one process's frames on every rank
+    (latents, scheduler steps and classifier-free guidance included)."""
+    pipe, call = PIPELINES[name]()
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(**call, generator=torch.Generator().manual_seed(5)).frames
+    handles = parallelize(pipe, strategy=strategy)
+    with dsp.comm_log() as log:
+        frames = pipe(**call, generator=torch.Generator().manual_seed(5)).frames
+    torch.testing.assert_close(frames, ref, atol=1e-9, rtol=0)
+    handle = next(iter(handles.handles.values()))
+    return {"sent": log.sent("forward"), "shape": tuple(frames.shape), "plan": str(handle.plan)}
+
+
+# ----------------------------------------------------------------------------- bad input
+class _Pipeline:
+    """A pipeline-like object without a denoiser."""
+
+    def __init__(self):
+        self.vae = torch.nn.Linear(2, 2)
+        self.components = {"vae": self.vae, "scheduler": object()}
+
+
+def bad_inputs():
+    """Each bad input's error on this rank, raised before any collective (no bytes sent)."""
+    from dsp.parallelize import PlanError
+
+    model, inputs = latte()
+    fp8 = copy.deepcopy(model).to(torch.float8_e4m3fn)
+    pipe, _ = latte_pipeline()
+    cases = {
+        "class": lambda: parallelize(torch.nn.Linear(2, 2)),
+        "pipeline": lambda: parallelize(_Pipeline()),
+        "dtype": lambda: parallelize(fp8),
+        "strategy": lambda: parallelize(copy.deepcopy(model), strategy="megatron_sp"),
+    }
+    out = {}
+    with dsp.comm_log() as log:
+        for case, fn in cases.items():
+            try:
+                fn()
+                out[case] = None
+            except PlanError as e:
+                out[case] = str(e)
+        parallelize(pipe)
+        try:
+            parallelize(pipe.transformer)
+            out["twice"] = None
+        except PlanError as e:
+            out["twice"] = str(e)
+    out["sent"] = log.sent("forward") + log.sent("backward")
+    return out

@@ -1,0 +1,92 @@
+"""diffusers' video models, unchanged, under ``dsp.integrations.diffusers.parallelize``.
+
+Tiny random configs (tests/integrations/_diffusers.py), no downloads, fp64, B = 2, 5 frames of
+4 x 3 patches: outputs and every parameter gradient equal one process, and the bytes
+measured equal the dry run, for the planner's plan and the baselines; pipelines return one
+process's frames on every rank.
+"""
+
+import re
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+from tests.integrations import _diffusers  # noqa: E402
+
+
+def _sent(results):
+    return sum(r["sent"] for r in results)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_latte_planner_plan_equals_one_process(pools, n):
+    results = pools.run(n, _diffusers.equality, "latte")
+    assert _sent(results) == results[0]["predicted"] > 0
+    kinds = results[0]["kinds"]
+    assert ("local", "") in kinds  # temp_pos_embed sliced with the frames
+    assert {k for k, _ in kinds} == {"compute", "local", "relayout"}
+    assert results[0]["grads"] > 50
+    assert not results[0]["warnings"]
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
+def test_latte_baselines_equal_one_process_and_send_more(pools, strategy):
+    results = pools.run(2, _diffusers.equality, "latte", strategy)
+    dsp_results = pools.run(2, _diffusers.equality, "latte")
+    assert _sent(results) == results[0]["predicted"] > _sent(dsp_results)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_wan_heads_plan_equals_one_process(pools, n):
+    results = pools.run(n, _diffusers.equality, "wan")
+    assert _sent(results) == results[0]["predicted"] > 0
+    assert {k for k, _ in results[0]["kinds"]} == {"heads"}
+    if n == 3:  # 3 heads and 12 patches over 3 ranks: even, Ulysses' formula holds exactly
+        numel, itemsize, attentions = 2 * 60 * 24, 8, 2  # q of (B, F*S, C), fp64, 2 blocks
+        per_attention = 4 * (n - 1) * numel * itemsize // n  # all ranks, forward
+        gather = 4 * numel * (n - 1)  # the exit: norm_out's input, cast to fp32 by Wan
+        assert _sent(results) == 2 * attentions * per_attention + gather  # forward + backward
+
+
+def test_wan_ring_equals_one_process(pools):
+    results = pools.run(2, _diffusers.equality, "wan", "ring")
+    assert _sent(results) == results[0]["predicted"] > 0
+
+
+def test_more_ranks_than_frames_warns_once_and_equals_one_process(pools):
+    results = pools.run(3, _diffusers.equality, "latte", frames=2)
+    for r in results:
+        assert len(r["warnings"]) == 1 and "2 frames (F) on 3 ranks" in r["warnings"][0]
+    assert _sent(results) == results[0]["predicted"]
+
+
+@pytest.mark.parametrize("name", ["latte", "wan"])
+def test_pipeline_returns_one_process_frames_on_every_rank(pools, name):
+    results = pools.run(3 if name == "wan" else 2, _diffusers.pipeline_frames, name)
+    assert all(r["sent"] > 0 for r in results)
+
+
+def test_bad_inputs_fail_on_every_rank_before_any_collective(pools):
+    for r in pools.run(2, _diffusers.bad_inputs):
+        assert r["sent"] == 0
+        assert re.search(
+            r"no declarations for Linear; declared diffusers classes: "
+            r"LatteTransformer3DModel, WanTransformer3DModel.*docs/diffusers.md",
+            r["class"],
+        )
+        assert re.search(
+            r"_Pipeline has no transformer or unet.*\['scheduler', 'vae'\]", r["pipeline"]
+        )
+        assert re.search(r"dtype torch.float8_e4m3fn, which gloo cannot reduce", r["dtype"])
+        assert "megatron_sp needs column/row weight styles" in r["strategy"]
+        assert "already parallelized" in r["twice"]
+
+
+def test_importing_dsp_does_not_import_diffusers():
+    import subprocess
+    import sys
+
+    code = "import sys, dsp, dsp.integrations.diffusers; print('diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
