@@ -70,11 +70,11 @@ class Declarations:
     def split_inputs(self, module: str, stream: Stream):
         """``(stream inputs, companions)`` of ``module``: ``{arg: layout}`` each.
 
-        A stream input holds every dim of the stream but, perhaps, its last (channels); a
+        A stream input holds every sequence dim of the stream and its first (batch) dim; a
         table over the sequence dims without the batch (rotary ``"1 (F S) 1 D"``) is a
         companion."""
         main, extra = {}, {}
-        need = set(stream.seq) | set(stream.dims[:-1])
+        need = set(stream.seq) | {stream.dims[0]}
         for arg, lay in self.input_layouts(module, stream).items():
             (main if need <= set(lay.names) else extra)[arg] = lay
         return main, extra
