@@ -35,10 +35,11 @@ from dsp.sim.workload import Workload
 
 __all__ = ["CPU_EFFICIENCY", "bench_workload", "bench_cluster", "predict_bench", "comparison"]
 
-#: Step FLOP/s over 512x512 fp32 matmul FLOP/s measured for the STDiT bench model (hidden 256,
-#: 8 heads, depth 2, 16 x 32 x 32) on this project's 2-core machine, 2026-11-28; used only
-#: when a run has no single-process reference.
-CPU_EFFICIENCY = 0.35
+#: Step FLOP/s over 512x512 fp32 matmul FLOP/s, used only for a run without a single-process
+#: reference or compute proxy: a rough middle of what this session's runs measured for the
+#: STDiT bench model (hidden 256, 8 heads, depth 2, 16 x 32 x 32) on the 2-core machine,
+#: 0.40 to 0.67 depending on the load (2026-11-28).
+CPU_EFFICIENCY = 0.5
 _CPU_LATENCY = 1e-4  # seconds per gloo collective call on a local bridge / loopback
 
 
