@@ -70,13 +70,15 @@ class Declarations:
     def split_inputs(self, module: str, stream: Stream):
         """``(stream inputs, companions)`` of ``module``: ``{arg: layout}`` each.
 
-        A stream input holds every sequence dim of the stream and its first (batch) dim; a
-        table over the sequence dims without the batch (rotary ``"1 (F S) 1 D"``) is a
-        companion."""
+        A stream input has as many named dims as the stream, among them every sequence dim
+        and the first (batch) dim; its other dims may be named otherwise (a UNet's channels
+        and spatial dims at each resolution). Anything else is a companion: a table without
+        the batch (rotary ``"1 (F S) 1 D"``), a per-frame embedding ``"(B F) D"``."""
         main, extra = {}, {}
         need = set(stream.seq) | {stream.dims[0]}
         for arg, lay in self.input_layouts(module, stream).items():
-            (main if need <= set(lay.names) else extra)[arg] = lay
+            carries = need <= set(lay.names) and len(lay.names) == len(stream.dims)
+            (main if carries else extra)[arg] = lay
         return main, extra
 
     def output_layouts(self, module: str, stream: Stream) -> Dict[Optional[int], Layout]:
