@@ -63,7 +63,31 @@ def wan():
     return model, (x, {"timestep": torch.tensor([3, 500]), "encoder_hidden_states": text})
 
 
-MODELS = {"latte": latte, "wan": wan}
+def animatediff():
+    from diffusers import UNetMotionModel
+
+    torch.manual_seed(0)
+    model = UNetMotionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
+        cross_attention_dim=16,
+        num_attention_heads=2,
+        norm_num_groups=4,
+        motion_num_attention_heads=2,
+        motion_max_seq_length=8,
+    ).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 4, F, H, W, generator=g, dtype=torch.float64)
+    text = torch.randn(B, 7, 16, generator=g, dtype=torch.float64)
+    text = text.repeat_interleave(F, dim=0)  # per frame, as AnimateDiffPipeline passes it
+    return model, (x, {"timestep": torch.tensor([3, 500]), "encoder_hidden_states": text})
+
+
+MODELS = {"latte": latte, "wan": wan, "animatediff": animatediff}
 
 
 def _mean(t):
@@ -82,7 +106,7 @@ def _run(model, inputs, w):
 #: Gradients' tolerance relative to each gradient's largest entry. Wan computes its norms and
 #: modulation in fp32 (``.float()``) even in an fp64 model, so its backward sums over tokens
 #: in fp32, in another order on a shard than in one process: 1e-7 relative, not 1e-16.
-GRAD_RTOL = {"latte": 0.0, "wan": 1e-6}
+GRAD_RTOL = {"latte": 0.0, "wan": 1e-6, "animatediff": 0.0}
 
 
 def equality(name: str, strategy: str = "dsp", atol: float = 1e-9, frames: int = F, **options):
@@ -185,7 +209,32 @@ def wan_pipeline():
     return pipe, call
 
 
-PIPELINES = {"latte": latte_pipeline, "wan": wan_pipeline}
+def animatediff_pipeline():
+    from diffusers import AnimateDiffPipeline, DDIMScheduler
+
+    model, _ = animatediff()
+    pipe = AnimateDiffPipeline(
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        unet=model,
+        motion_adapter=None,
+        scheduler=DDIMScheduler(),
+    )
+    g = torch.Generator().manual_seed(4)
+    call = {
+        "prompt_embeds": torch.randn(1, 7, 16, generator=g, dtype=torch.float64),
+        "negative_prompt_embeds": torch.randn(1, 7, 16, generator=g, dtype=torch.float64),
+        "num_frames": F,
+        "height": 64,
+        "width": 48,
+        "num_inference_steps": 2,
+        "output_type": "latent",
+    }
+    return pipe, call
+
+
+PIPELINES = {"latte": latte_pipeline, "wan": wan_pipeline, "animatediff": animatediff_pipeline}
 
 
 def pipeline_frames(name: str, strategy: str = "dsp"):

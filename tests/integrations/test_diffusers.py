@@ -54,6 +54,17 @@ def test_wan_ring_equals_one_process(pools):
     assert _sent(results) == results[0]["predicted"] > 0
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_animatediff_frames_sharded_through_the_unet_equal_one_process(pools, n):
+    results = pools.run(n, _diffusers.equality, "animatediff")
+    assert _sent(results) == results[0]["predicted"] > 0
+    kinds = results[0]["kinds"]
+    # convolutions, ResNets and spatial transformers run on frame shards (per-frame
+    # timestep and text sliced at each block); motion modules need every frame
+    assert {k for k, m in kinds if "motion_modules" in m} == {"whole"}
+    assert {k for k, m in kinds if "motion_modules" not in m} == {"local"}
+
+
 def test_more_ranks_than_frames_warns_once_and_equals_one_process(pools):
     results = pools.run(3, _diffusers.equality, "latte", frames=2)
     for r in results:
@@ -61,7 +72,7 @@ def test_more_ranks_than_frames_warns_once_and_equals_one_process(pools):
     assert _sent(results) == results[0]["predicted"]
 
 
-@pytest.mark.parametrize("name", ["latte", "wan"])
+@pytest.mark.parametrize("name", ["latte", "wan", "animatediff"])
 def test_pipeline_returns_one_process_frames_on_every_rank(pools, name):
     results = pools.run(3 if name == "wan" else 2, _diffusers.pipeline_frames, name)
     assert all(r["sent"] > 0 for r in results)
@@ -72,7 +83,7 @@ def test_bad_inputs_fail_on_every_rank_before_any_collective(pools):
         assert r["sent"] == 0
         assert re.search(
             r"no declarations for Linear; declared diffusers classes: "
-            r"LatteTransformer3DModel, WanTransformer3DModel.*docs/diffusers.md",
+            r"LatteTransformer3DModel, WanTransformer3DModel, UNetMotionModel.*docs/diffusers.md",
             r["class"],
         )
         assert re.search(
