@@ -101,3 +101,18 @@ def test_importing_dsp_does_not_import_diffusers():
     code = "import sys, dsp, dsp.integrations.diffusers; print('diffusers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_readme_and_docs_quote_the_committed_bytes():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    results = (root / "benchmarks/results/diffusers_bytes_2026-11-28.md").read_text()
+    rows = {r.split("|")[1].strip(): r.split("|") for r in results.splitlines() if "| 4 |" in r}
+    readme, doc = (root / "README.md").read_text(), (root / "docs/diffusers.md").read_text()
+    for name, cls in (("latte", "LatteTransformer3DModel"), ("wan", "WanTransformer3DModel")):
+        dsp_mib, uly_mib, _, dsp_gib, uly_gib = (float(v) for v in rows[name][3:8])
+        line = next(r for r in readme.splitlines() if r.startswith(f"| `{cls}`"))
+        assert f"{dsp_mib:.1f} / {uly_mib:.1f} MiB" in line
+        assert f"{dsp_gib:.1f} vs {uly_gib:.1f} GiB" in line
+        assert f"{dsp_mib:.2f} MiB | {uly_mib:.2f} MiB" in doc
