@@ -289,3 +289,69 @@ def bad_inputs():
             out["twice"] = str(e)
     out["sent"] = log.sent("forward") + log.sent("backward")
     return out
+
+
+# ----------------------------------------------------------------------------- vs diffusers
+def versus_diffusers(repeats: int = 3):
+    """Wan under DSP's plan and under diffusers' own context parallelism (Ulysses degree N,
+    ``enable_parallelism``) on the same model and inputs, forward (inference): both equal
+    one process; bytes each sends to the other ranks; median forward time.
+
+    What diffusers needed on CPU: ``torch.accelerator.device_count()`` patched to 1 while
+    ``enable_parallelism`` runs (it takes ``rank % device_count()``, 0 without an
+    accelerator); the DeviceMesh is then a CPU (gloo) one. Its bytes are counted by wrapping
+    the functional collectives it calls (``all_to_all_single``, ``all_gather_tensor``)."""
+    import statistics
+    import time
+    from unittest import mock
+
+    import torch.distributed._functional_collectives as funcol
+    from diffusers import ContextParallelConfig
+
+    n, rank = dist.get_world_size(), dist.get_rank()
+    model, (x, kw) = wan()
+    theirs = copy.deepcopy(model)
+    with torch.no_grad():
+        (ref,) = copy.deepcopy(model)(x, **kw, return_dict=False)
+
+    def timed(m):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                (out,) = m(x, **kw, return_dict=False)
+            times.append(time.perf_counter() - t0)
+        return out, statistics.median(times)
+
+    parallelize(model)
+    with torch.no_grad():
+        model(x, **kw, return_dict=False)  # the first call plans
+    with dsp.comm_log() as log:
+        (ours,) = model(x, **kw, return_dict=False)
+    ours_sent = log.sent("forward")
+    _, ours_time = timed(model)
+
+    with mock.patch.object(torch.accelerator, "device_count", lambda: 1):
+        theirs.enable_parallelism(config=ContextParallelConfig(ulysses_degree=n))
+    sent = [0]
+    a2a, ag = funcol.all_to_all_single, funcol.all_gather_tensor
+
+    def all_to_all_single(t, output_split_sizes, input_split_sizes, group):
+        splits = input_split_sizes or [1] * n  # None: even chunks
+        kept = t.numel() * splits[rank] // sum(splits)
+        sent[0] += (t.numel() - kept) * t.element_size()
+        return a2a(t, output_split_sizes, input_split_sizes, group)
+
+    def all_gather_tensor(t, gather_dim, group, *a, **k):
+        sent[0] += t.numel() * t.element_size() * (n - 1)
+        return ag(t, gather_dim, group, *a, **k)
+
+    with mock.patch.object(funcol, "all_to_all_single", all_to_all_single):
+        with mock.patch.object(funcol, "all_gather_tensor", all_gather_tensor):
+            with torch.no_grad():
+                (theirs_out,) = theirs(x, **kw, return_dict=False)
+            theirs_sent = sent[0]
+            _, theirs_time = timed(theirs)
+    torch.testing.assert_close(ours, ref, atol=1e-9, rtol=0)
+    torch.testing.assert_close(theirs_out, ref, atol=1e-9, rtol=0)
+    return {"dsp": (ours_sent, ours_time), "diffusers": (theirs_sent, theirs_time)}

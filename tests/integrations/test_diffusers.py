@@ -65,6 +65,15 @@ def test_animatediff_frames_sharded_through_the_unet_equal_one_process(pools, n)
     assert {k for k, m in kinds if "motion_modules" not in m} == {"local"}
 
 
+def test_wan_side_by_side_with_diffusers_own_context_parallelism(pools):
+    results = pools.run(3, _diffusers.versus_diffusers)
+    (ours, _), (theirs, _) = results[0]["dsp"], results[0]["diffusers"]
+    # the same four all-to-alls per attention; the exits differ: DSP gathers norm_out's input
+    # (fp32, 24 channels), diffusers proj_out's output (fp64, 16 channels)
+    tokens, n = 2 * 60, 3
+    assert theirs - ours == tokens * (16 * 8 - 24 * 4) * (n - 1) // n
+
+
 def test_more_ranks_than_frames_warns_once_and_equals_one_process(pools):
     results = pools.run(3, _diffusers.equality, "latte", frames=2)
     for r in results:
