@@ -237,18 +237,23 @@ def animatediff_pipeline():
 PIPELINES = {"latte": latte_pipeline, "wan": wan_pipeline, "animatediff": animatediff_pipeline}
 
 
-def pipeline_frames(name: str, strategy: str = "dsp"):
+def pipeline_frames(name: str, strategy: str = "dsp", cfg: bool = False):
     """``pipe(...)`` after ``parallelize(pipe)`` returns one process's frames on every rank
     (latents, scheduler steps and classifier-free guidance included)."""
     pipe, call = PIPELINES[name]()
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(**call, generator=torch.Generator().manual_seed(5)).frames
-    handles = parallelize(pipe, strategy=strategy)
+    handles = parallelize(pipe, strategy=strategy, cfg=cfg)
     with dsp.comm_log() as log:
         frames = pipe(**call, generator=torch.Generator().manual_seed(5)).frames
     torch.testing.assert_close(frames, ref, atol=1e-9, rtol=0)
     handle = next(iter(handles.handles.values()))
-    return {"sent": log.sent("forward"), "shape": tuple(frames.shape), "plan": str(handle.plan)}
+    return {
+        "sent": log.sent("forward"),
+        "shape": tuple(frames.shape),
+        "plan": str(handle.plan),
+        "ops": sorted({r.op for r in log.records}),
+    }
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -87,6 +87,13 @@ def test_pipeline_returns_one_process_frames_on_every_rank(pools, name):
     assert all(r["sent"] > 0 for r in results)
 
 
+def test_cfg_parallel_pipeline_returns_one_process_frames(pools):
+    # 4 ranks: the unconditional and conditional halves of the batch on 2 + 2 ranks, DSP
+    # inside each half, the halves' outputs all-gathered over the pairs across them
+    results = pools.run(4, _diffusers.pipeline_frames, "latte", "dsp", True)
+    assert all(r["ops"] == ["all_gather", "all_to_all"] for r in results)
+
+
 def test_bad_inputs_fail_on_every_rank_before_any_collective(pools):
     for r in pools.run(2, _diffusers.bad_inputs):
         assert r["sent"] == 0

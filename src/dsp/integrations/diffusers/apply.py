@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsp.mesh import group_info
+from dsp.mesh import group_info, split_group
 from dsp.parallelize import Plan, PlanCost, PlanError, Recording, record
 from dsp.strategies import STRATEGIES, Strategy, get_strategy
 
@@ -39,8 +39,11 @@ class DiffusersParallel:
     shape-only recording the plan was made from).
     """
 
-    def __init__(self, model: nn.Module, group, strategy: str, options: Dict[str, Any], spec):
+    def __init__(
+        self, model: nn.Module, group, strategy: str, options: Dict[str, Any], spec, cfg_group=None
+    ):
         self.model, self.group, self.strategy_name = model, group, strategy
+        self.cfg_group = cfg_group
         self.options = options
         self.streams, self.declare = spec
         self.strategy: Optional[Strategy] = None
@@ -58,11 +61,16 @@ class DiffusersParallel:
         object.__setattr__(self.model, "_call_impl", self._call)
 
     def _call(self, *args, **kwargs):
-        if not self._planning:
-            key = _signature(args, kwargs)
-            if key != self.key:
-                self.prepare(args, kwargs, key)
-        return type(self.model)._call_impl(self.model, *args, **kwargs)
+        if self._planning:
+            return type(self.model)._call_impl(self.model, *args, **kwargs)
+        batch = None
+        if self.cfg_group is not None:  # this half of the ranks: its half of the batch
+            args, kwargs, batch = _cfg_half(args, kwargs, group_info(self.cfg_group))
+        key = _signature(args, kwargs)
+        if key != self.key:
+            self.prepare(args, kwargs, key)
+        out = type(self.model)._call_impl(self.model, *args, **kwargs)
+        return out if batch is None else _cfg_gather(out, batch, self.cfg_group)
 
     def prepare(self, args: tuple, kwargs: Dict[str, Any], key: Optional[tuple] = None) -> Plan:
         """Plan for inputs of these shapes (from meta copies) and install the plan's hooks."""
@@ -136,6 +144,47 @@ class ParallelPipeline:
 
 
 _NAMES = {"F": "frames", "S": "patches per frame"}
+
+
+def _first_tensor(args: tuple, kwargs: Dict[str, Any]) -> Optional[torch.Tensor]:
+    return next((v for v in (*args, *kwargs.values()) if torch.is_tensor(v)), None)
+
+
+def _cfg_half(args: tuple, kwargs: Dict[str, Any], info):
+    """CFG-parallel: the model's batch (``[unconditional, conditional]``) halved; rank ``h``
+    of the CFG pair keeps half ``h`` of every tensor whose dim 0 is a multiple of the batch
+    (per-frame text ``(B*F, L, C)`` included: its rows are batch-major)."""
+    x = _first_tensor(args, kwargs)
+    batch = x.shape[0]
+    if batch % 2:
+        raise PlanError(
+            f"dsp cfg: the model's batch is {batch}, not the even [unconditional, conditional] "
+            "batch of classifier-free guidance; parallelize without cfg=True"
+        )
+
+    def half(v):
+        if torch.is_tensor(v) and v.dim() and v.shape[0] % batch == 0:
+            rows = v.shape[0] // 2
+            return v.narrow(0, info.rank * rows, rows)
+        return v
+
+    return tuple(half(a) for a in args), {k: half(v) for k, v in kwargs.items()}, batch
+
+
+def _cfg_gather(out: Any, batch: int, group) -> Any:
+    """The two halves' outputs, gathered on dim 0 over the CFG pair (one all-gather each)."""
+    from dsp.comm.primitives import gather
+
+    def whole(v):
+        if torch.is_tensor(v) and v.dim() and v.shape[0] * 2 == batch:
+            return gather(v, 0, group, size=batch, grad_scale="up")
+        return v
+
+    if isinstance(out, dict):  # diffusers' BaseOutput
+        return type(out)(**{k: whole(v) for k, v in out.items()})
+    if isinstance(out, (tuple, list)):
+        return type(out)(whole(v) for v in out)
+    return whole(out)
 
 
 def _meta(x: Any) -> Any:
@@ -216,6 +265,7 @@ def parallelize(
     strategy: str = "dsp",
     *,
     example_inputs: Any = None,
+    cfg: bool = False,
     **options,
 ):
     """Sequence-parallelize a diffusers video model, or the denoiser(s) of a pipeline.
@@ -227,6 +277,9 @@ def parallelize(
         strategy: ``dsp`` (the planner's plan), ``ulysses``, ``ring``, ``usp`` or ``none``.
         example_inputs: the model's inputs (a tuple, optionally ending in a dict of keyword
             inputs; meta tensors are enough) to plan now instead of at the first call.
+        cfg: CFG-parallel (inference): the unconditional and conditional halves of each
+            call's batch run on two halves of the group, each with the strategy inside;
+            the outputs are all-gathered over the pair. Needs an even group size.
         options: strategy options (``plan="auto"`` or a :class:`~dsp.parallelize.Plan`,
             ``ulysses_degree`` for usp).
 
@@ -249,9 +302,15 @@ def parallelize(
     for name, model in found:  # every check before anything is installed
         specs[name] = declarations(model)
         _check_model(model, group, strategy)
+    inner, cfg_group = group, None
+    if cfg:
+        n = group_info(group).size
+        if n % 2:
+            raise PlanError(f"dsp cfg: CFG-parallel needs an even number of ranks, got {n}")
+        inner, cfg_group = split_group(group, n // 2)  # halves x the pairs across them
     handles = {}
     for name, model in found:
-        handles[name] = DiffusersParallel(model, group, strategy, options, specs[name])
+        handles[name] = DiffusersParallel(model, inner, strategy, options, specs[name], cfg_group)
         handles[name].install()
     if not _is_pipeline(model_or_pipeline):
         handle = handles["model"]
