@@ -360,3 +360,20 @@ def versus_diffusers(repeats: int = 3):
     torch.testing.assert_close(ours, ref, atol=1e-9, rtol=0)
     torch.testing.assert_close(theirs_out, ref, atol=1e-9, rtol=0)
     return {"dsp": (ours_sent, ours_time), "diffusers": (theirs_sent, theirs_time)}
+
+
+def diffusers_own(name: str):
+    """What diffusers' own ``enable_parallelism`` (Ulysses, the whole group) says for
+    ``name``: ``None`` if it applies, else its error."""
+    from unittest import mock
+
+    from diffusers import ContextParallelConfig
+
+    model, _ = MODELS[name]()
+    config = ContextParallelConfig(ulysses_degree=dist.get_world_size())
+    try:
+        with mock.patch.object(torch.accelerator, "device_count", lambda: 1):
+            model.enable_parallelism(config=config)
+    except (ValueError, RuntimeError, NotImplementedError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
