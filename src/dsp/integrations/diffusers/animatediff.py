@@ -3,10 +3,11 @@
 Its forward folds frames into the batch, ``(B*F, C, H, W)``, for every convolution, ResNet
 and spatial transformer (per frame: they run on a shard of the frames as they are); the
 timestep embedding and the text are repeated per frame (``(B*F) D``, ``(B*F) L E``
-companions of every block). The motion modules attend over frames on ``(B*H*W, F, C)``
-after reshapes that use the full ``num_frames`` the UNet passes them, so they need every
-frame: the planner runs them ``whole`` (frames all-gathered in, this rank's frames kept of
-the output). The stream is the activation from ``conv_in`` to ``conv_norm_out``,
+companions of every block). The motion modules normalize over frames and rows together
+(``GroupNorm`` on ``(B, C, F, H, W)``), then attend over frames on ``(B*H*W, F, C)``, after
+reshapes that use the full ``num_frames`` the UNet passes them: no dim of their input can
+stay sharded, so the planner runs them ``whole`` (frames all-gathered in, this rank's frames
+kept of the output). The stream is the activation from ``conv_in`` to ``conv_norm_out``,
 its frames sharded at every resolution.
 """
 
