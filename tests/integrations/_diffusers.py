@@ -377,3 +377,27 @@ def diffusers_own(name: str):
     except (ValueError, RuntimeError, NotImplementedError) as e:
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def planned_ahead_then_removed():
+    """``example_inputs=`` (meta) plans at once; ``remove()`` leaves a single-device model."""
+    model, (x, kw) = latte()
+    with torch.no_grad():
+        (ref,) = copy.deepcopy(model)(x, **kw, return_dict=False)
+    meta = (x.to("meta"), {k: v.to("meta") for k, v in kw.items()})
+    handle = parallelize(model, example_inputs=meta)
+    planned = handle.plan
+    with torch.no_grad(), dsp.comm_log() as log:
+        (out,) = model(x, **kw, return_dict=False)
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=0)
+    handle.remove()
+    with torch.no_grad(), dsp.comm_log() as after:
+        (alone,) = model(x, **kw, return_dict=False)
+    torch.testing.assert_close(alone, ref, atol=1e-9, rtol=0)
+    return {
+        "planned": planned is not None,
+        "sent": log.sent("forward"),
+        "after": after.sent("forward"),
+        "attrs": sorted(k for k in ("_call_impl", "_dsp_parallel") if k in model.__dict__),
+        "hooks": len(model._forward_pre_hooks) + len(model._forward_hooks),
+    }

@@ -100,6 +100,12 @@ def test_cfg_parallel_pipeline_returns_one_process_frames(pools):
     assert all(r["ops"] == ["all_gather", "all_to_all"] for r in results)
 
 
+def test_example_inputs_plan_at_once_and_remove_restores_the_model(pools):
+    for r in pools.run(2, _diffusers.planned_ahead_then_removed):
+        assert r["planned"] and r["sent"] > 0
+        assert r["after"] == 0 and r["attrs"] == [] and r["hooks"] == 0
+
+
 def test_bad_inputs_fail_on_every_rank_before_any_collective(pools):
     for r in pools.run(2, _diffusers.bad_inputs):
         assert r["sent"] == 0
