@@ -144,3 +144,17 @@ def test_readme_and_docs_quote_the_committed_bytes():
         assert f"{dsp_mib:.1f} / {uly_mib:.1f} MiB" in line
         assert f"{dsp_gib:.1f} vs {uly_gib:.1f} GiB" in line
         assert f"{dsp_mib:.2f} MiB | {uly_mib:.2f} MiB" in doc
+
+
+def test_the_example_script_runs_on_two_ranks_and_equals_one_process():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = root / "docs" / "examples" / "diffusers_latte.py"
+    run = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=root
+    )
+    assert run.returncode == 0, run.stderr
+    assert "equal to one process: yes" in run.stdout and "rank 1: sent" in run.stdout
