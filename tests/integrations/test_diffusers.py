@@ -37,6 +37,13 @@ def test_latte_baselines_equal_one_process_and_send_more(pools, strategy):
     assert _sent(results) == results[0]["predicted"] > _sent(dsp_results)
 
 
+def test_latte_usp_equals_one_process(pools):
+    # 4 ranks: Ulysses over rows of 2 (2 heads) x ring across the 2 rows
+    results = pools.run(4, _diffusers.equality, "latte", "usp", ulysses_degree=2)
+    assert _sent(results) == results[0]["predicted"] > 0
+    assert {k for k, _ in results[0]["kinds"]} == {"usp", "local"}
+
+
 @pytest.mark.parametrize("n", [2, 3])
 def test_wan_heads_plan_equals_one_process(pools, n):
     results = pools.run(n, _diffusers.equality, "wan")
