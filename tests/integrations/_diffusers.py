@@ -237,10 +237,17 @@ def animatediff_pipeline():
 PIPELINES = {"latte": latte_pipeline, "wan": wan_pipeline, "animatediff": animatediff_pipeline}
 
 
-def pipeline_frames(name: str, strategy: str = "dsp", cfg: bool = False):
+def pipeline_frames(name: str, strategy: str = "dsp", cfg: bool = False, from_disk=False):
     """``pipe(...)`` after ``parallelize(pipe)`` returns one process's frames on every rank
-    (latents, scheduler steps and classifier-free guidance included)."""
+    (latents, scheduler steps and classifier-free guidance included). ``from_disk``: the
+    pipeline is saved and loaded back with ``from_pretrained(path)`` first (local weights)."""
     pipe, call = PIPELINES[name]()
+    if from_disk:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as path:
+            pipe.save_pretrained(path)
+            pipe = type(pipe).from_pretrained(path, torch_dtype=torch.float64)
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(**call, generator=torch.Generator().manual_seed(5)).frames
     handles = parallelize(pipe, strategy=strategy, cfg=cfg)

@@ -100,6 +100,11 @@ def test_pipeline_returns_one_process_frames_on_every_rank(pools, name):
     assert all(r["sent"] > 0 for r in results)
 
 
+def test_pipeline_from_local_weights(pools):
+    results = pools.run(2, _diffusers.pipeline_frames, "latte", "dsp", False, True)
+    assert all(r["sent"] > 0 for r in results)
+
+
 def test_cfg_parallel_pipeline_returns_one_process_frames(pools):
     # 4 ranks: the unconditional and conditional halves of the batch on 2 + 2 ranks, DSP
     # inside each half, the halves' outputs all-gathered over the pairs across them
