@@ -85,7 +85,8 @@ def stage_hooks(i: int, st: Stage, plan: Plan, decl: Declarations) -> List[Hook]
     s = plan.stream(st.stream)
     label = f"stage {i}"
     if st.kind == "gather_output":
-        outs = decl.outputs.get(st.module) or {None: _operand_layout(st.module, s, decl)}
+        # an operand's output keeps the stream's sequence dims; its other dims are its own
+        outs = decl.outputs.get(st.module) or {None: _own_dims(s, "op")}
         return [
             Hook(
                 st.module,
@@ -182,12 +183,9 @@ def _row_of(st: Stage, plan: Plan) -> Optional[str]:
     return rows[0] if rows else None
 
 
-def _operand_layout(module: str, s: Stream, decl: Declarations) -> Layout:
-    """An operand's output: the stream's sequence dims; its other dims are its own."""
-    return _own_dims(s, "op")
-
-
 def _own_dims(s: Stream, suffix: str) -> Layout:
+    """The stream's layout with its non-sequence dims renamed (``C`` -> ``C_out``): a tensor
+    that keeps the sequence dims but may differ elsewhere (a head's output, an operand)."""
     return Layout(
         [
             tuple(d if d in s.seq or d == "1" else f"{d}_{suffix}" for d in g)
