@@ -66,3 +66,24 @@ def math_core(q, k, v, mask=None):
     if mask is not None:
         a = a.masked_fill(~mask[:, None, None, :], float("-inf"))
     return (a.softmax(-1) @ v).transpose(1, 2)  # (N, L, H, D)
+
+
+def workload(model, strategy="none", n=1, shape=(1, 8, 12, 16), **kw):
+    """A :class:`~dsp.sim.workload.Workload` of the shapes these tests run: fp32, the text
+    length of :func:`inputs`, no activation checkpointing unless asked."""
+    from dsp.sim.workload import Workload
+
+    b, t, h, w = shape
+    kw.setdefault("activation_checkpointing", False)
+    return Workload(
+        model=model,
+        strategy=strategy,
+        frames=t,
+        height=h,
+        width=w,
+        batch=b,
+        sp=n,
+        text_len=TEXT_LEN,
+        elem=4,
+        **kw,
+    )

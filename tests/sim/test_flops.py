@@ -6,28 +6,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dsp.models import build_model
 from dsp.sim.flops import step_flops
-from dsp.sim.workload import Workload
 from tests.sim import _cases
 
 SHAPE = (2, 6, 8, 10)  # B, T, H, W
 
 
 def _workload(model, strategy="none", n=1, mode="train", **kw):
-    b, t, h, w = SHAPE
-    kw.setdefault("activation_checkpointing", False)
-    return Workload(
-        model=model,
-        strategy=strategy,
-        frames=t,
-        height=h,
-        width=w,
-        batch=b,
-        sp=n,
-        mode=mode,
-        text_len=_cases.TEXT_LEN,
-        elem=4,
-        **kw,
-    )
+    return _cases.workload(model, strategy, n, SHAPE, mode=mode, **kw)
 
 
 @pytest.mark.parametrize("model", ["stdit-tiny", "latte-tiny"])

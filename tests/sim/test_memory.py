@@ -10,19 +10,7 @@ SHAPE = (1, 8, 12, 16)  # B, T, H, W
 
 
 def _workload(model, strategy, n):
-    b, t, h, w = SHAPE
-    return Workload(
-        model=model,
-        strategy=strategy,
-        frames=t,
-        height=h,
-        width=w,
-        batch=b,
-        sp=n,
-        text_len=_cases.TEXT_LEN,
-        elem=4,
-        activation_checkpointing=False,
-    )
+    return _cases.workload(model, strategy, n, SHAPE)
 
 
 @pytest.mark.parametrize("model", ["stdit-tiny", "latte-tiny"])

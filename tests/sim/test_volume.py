@@ -6,7 +6,6 @@ import pytest
 
 from dsp.models import build_model
 from dsp.sim.volume import sp_bytes, transfers
-from dsp.sim.workload import Workload
 from dsp.strategies.volume import expected_bytes
 from tests.sim import _cases
 
@@ -15,23 +14,9 @@ SHAPES = {2: (2, 5, 6, 10), 3: (1, 7, 6, 6), 4: (2, 8, 8, 8)}  # (B, T, H, W): u
 
 
 def _workload(model, strategy, n, shape, **kw):
-    b, t, h, w = shape
     u = 2 if (strategy == "usp" and n == 4) else None
-    return Workload(
-        model=model,
-        strategy=strategy,
-        frames=t,
-        height=h,
-        width=w,
-        batch=b,
-        sp=n,
-        text_len=_cases.TEXT_LEN,
-        elem=4,
-        param_elem=4,
-        activation_checkpointing=False,
-        dp_style="ddp",
-        ulysses_degree=u,
-        **kw,
+    return _cases.workload(
+        model, strategy, n, shape, param_elem=4, dp_style="ddp", ulysses_degree=u, **kw
     )
 
 

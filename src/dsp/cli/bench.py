@@ -15,15 +15,8 @@ import shlex
 import sys
 
 from dsp.cli.errors import add_job_flags, apply_timeout
+from dsp.cli.lists import ints, names
 from dsp.cli.table import human_bytes
-
-
-def _ints(text: str):
-    return [int(v) for v in text.split(",") if v]
-
-
-def _names(text: str):
-    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def add_parser(sub) -> None:
@@ -35,13 +28,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--model",
-        type=_names,
+        type=names,
         default=["stdit-tiny"],
         help="model config name(s), comma-separated (see dsp.models.list_models)",
     )
     p.add_argument(
         "--strategy",
-        type=_names,
+        type=names,
         default=["dsp", "ulysses", "ring", "megatron_sp"],
         help="comma-separated: dsp,ulysses,ring,megatron_sp,usp,none",
     )
@@ -51,10 +44,10 @@ def add_parser(sub) -> None:
         help="dsp's plan: auto (the planner, per size), hand (the paper's placement) or a "
         "plan JSON file",
     )
-    p.add_argument("--world-size", type=_ints, default=[2, 4], help="e.g. 2,4")
-    p.add_argument("--frames", type=_ints, default=[16], help="latent frames T (list sweeps)")
-    p.add_argument("--height", type=_ints, default=[32], help="latent height (list sweeps)")
-    p.add_argument("--width", type=_ints, default=[32], help="latent width (list sweeps)")
+    p.add_argument("--world-size", type=ints, default=[2, 4], help="e.g. 2,4")
+    p.add_argument("--frames", type=ints, default=[16], help="latent frames T (list sweeps)")
+    p.add_argument("--height", type=ints, default=[32], help="latent height (list sweeps)")
+    p.add_argument("--width", type=ints, default=[32], help="latent width (list sweeps)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--mode", choices=["train", "infer"], default="train")
     p.add_argument("--warmup", type=int, default=1)

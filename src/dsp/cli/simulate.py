@@ -16,13 +16,7 @@ import argparse
 import json
 import os
 
-
-def _ints(text: str):
-    return [int(v) for v in text.split(",") if v]
-
-
-def _names(text: str):
-    return [v.strip() for v in text.split(",") if v.strip()]
+from dsp.cli.lists import ints, names
 
 
 def add_parser(sub) -> None:
@@ -32,15 +26,15 @@ def add_parser(sub) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", type=_names, default=["stdit-xl/2"])
-    p.add_argument("--strategy", type=_names, default=["dsp", "ulysses", "ring", "megatron_sp"])
-    p.add_argument("--frames", type=_ints, default=[64])
-    p.add_argument("--height", type=_ints, default=[128], help="latent height (list sweeps)")
-    p.add_argument("--width", type=_ints, default=[128], help="latent width (list sweeps)")
+    p.add_argument("--model", type=names, default=["stdit-xl/2"])
+    p.add_argument("--strategy", type=names, default=["dsp", "ulysses", "ring", "megatron_sp"])
+    p.add_argument("--frames", type=ints, default=[64])
+    p.add_argument("--height", type=ints, default=[128], help="latent height (list sweeps)")
+    p.add_argument("--width", type=ints, default=[128], help="latent width (list sweeps)")
     p.add_argument("--batch", type=int, default=1, help="samples per sp group")
     p.add_argument("--mode", choices=["train", "infer"], default="train")
-    p.add_argument("--gpus", type=_ints, default=[8])
-    p.add_argument("--sp", type=_ints, default=None, help="sp degree(s); default: all GPUs")
+    p.add_argument("--gpus", type=ints, default=[8])
+    p.add_argument("--sp", type=ints, default=None, help="sp degree(s); default: all GPUs")
     p.add_argument("--cluster", default="16x8xh100-ib", help="preset or JSON file")
     p.add_argument("--mfu", type=float, default=None, help="override the GPU's achieved fraction")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
