@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import zlib
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -26,7 +26,7 @@ from dsp.comm import collectives as C
 from dsp.comm.shards import normalize_dim, shard_sizes
 from dsp.mesh import GroupInfo, group_info
 
-__all__ = ["split", "gather", "switch"]
+__all__ = ["split", "gather", "switch", "switch_many"]
 
 GradScale = Union[float, str]
 _MAX_DIMS = 64
@@ -113,6 +113,92 @@ def _shard_lengths(
 
 
 # ----------------------------------------------------------------------------- kernels
+def _block_shape(shape: Sequence[int], dims: Sequence[int], lengths: Sequence[int]) -> List[int]:
+    out = list(shape)
+    for d, n in zip(dims, lengths):
+        out[d] = n
+    return out
+
+
+def _pack(
+    xs: Sequence[torch.Tensor], dst: int, dst_sizes: Sequence[Sequence[int]], n: int
+) -> Tuple[torch.Tensor, List[int]]:
+    """The send buffer of a switch: for each rank ``j``, every tensor's block ``j`` of ``dst``.
+
+    Blocks keep the tensor's own dim order (``x.narrow(dst, ...)``). One copy; none when a
+    single contiguous tensor has only length-1 dims before ``dst`` (its blocks then follow
+    each other in memory already, and the tensor itself is the send buffer).
+    """
+    if len(xs) == 1 and xs[0].is_contiguous() and math.prod(xs[0].shape[:dst]) == 1:
+        x = xs[0]
+        inner = math.prod(_block_shape(x.shape, [dst], [1]))  # elements per dst row
+        return x.reshape(-1), [d * inner for d in dst_sizes[0]]
+    offs = [[0, *itertools.accumulate(sz)] for sz in dst_sizes]
+    blocks = [
+        [_block_shape(x.shape, [dst], [dst_sizes[t][j]]) for j in range(n)]
+        for t, x in enumerate(xs)
+    ]
+    send_splits = [sum(math.prod(blocks[t][j]) for t in range(len(xs))) for j in range(n)]
+    send = torch.empty(sum(send_splits), dtype=xs[0].dtype, device=xs[0].device)
+    pos = 0
+    for j in range(n):  # rank j's part: [x_0 block j, x_1 block j, ...], each contiguous
+        for t, x in enumerate(xs):
+            numel = math.prod(blocks[t][j])
+            send[pos : pos + numel].view(blocks[t][j]).copy_(
+                x.narrow(dst, offs[t][j], dst_sizes[t][j])
+            )
+            pos += numel
+    return send, send_splits
+
+
+def _unpack(
+    recv: torch.Tensor,
+    shapes: Sequence[Sequence[int]],
+    src: int,
+    src_sizes: Sequence[Sequence[int]],
+    n: int,
+) -> List[torch.Tensor]:
+    """Outputs of a switch from its receive buffer (rank order, tensor order within a rank).
+
+    Output ``t`` concatenates along ``src`` the blocks every rank sent of it: one copy
+    (``torch.cat``); none for a single tensor with only length-1 dims before ``src`` (the
+    blocks then are the output's memory in order, and the output is a view of ``recv``).
+    """
+    if len(shapes) == 1 and math.prod(shapes[0][:src]) == 1:
+        return [recv.view(list(shapes[0]))]
+    parts: List[List[torch.Tensor]] = [[] for _ in shapes]
+    pos = 0
+    for i in range(n):
+        for t, shape in enumerate(shapes):
+            block = _block_shape(shape, [src], [src_sizes[t][i]])
+            numel = math.prod(block)
+            parts[t].append(recv[pos : pos + numel].view(block))
+            pos += numel
+    return [torch.cat(p, dim=src) for p in parts]
+
+
+def _switch_many(
+    xs: Sequence[torch.Tensor],
+    src: int,
+    dst: int,
+    src_sizes: Sequence[Sequence[int]],
+    dst_sizes: Sequence[Sequence[int]],
+    info: GroupInfo,
+) -> List[torch.Tensor]:
+    """Tensors sharded on ``src`` (tensor ``t``: lengths ``src_sizes[t]``) -> sharded on
+    ``dst`` (``dst_sizes[t]``), all in one all-to-all: one copy to pack, one to unpack."""
+    n, r = info.size, info.rank
+    send, send_splits = _pack(xs, dst, dst_sizes, n)
+    shapes = [
+        _block_shape(x.shape, [src, dst], [sum(src_sizes[t]), dst_sizes[t][r]])
+        for t, x in enumerate(xs)
+    ]
+    inner = [math.prod(_block_shape(s, [src], [1])) for s in shapes]  # elements per src row
+    recv_splits = [sum(src_sizes[t][i] * inner[t] for t in range(len(xs))) for i in range(n)]
+    recv = C.all_to_all(send, send_splits, recv_splits, info.group, tag="switch")
+    return _unpack(recv, shapes, src, src_sizes, n)
+
+
 def _switch_impl(
     x: torch.Tensor,
     src: int,
@@ -122,28 +208,7 @@ def _switch_impl(
     info: GroupInfo,
 ) -> torch.Tensor:
     """Sharded on ``src`` (lengths ``src_sizes``) -> sharded on ``dst`` (``dst_sizes``)."""
-    n = info.size
-    perm = [src, dst] + [d for d in range(x.dim()) if d not in (src, dst)]
-    xp = x.permute(perm)  # (s_r, L_dst, *rest)
-    s_r, rest = xp.shape[0], tuple(xp.shape[2:])
-    inner = math.prod(rest)
-    d_offs = [0, *itertools.accumulate(dst_sizes)]
-    send_splits = [s_r * dst_sizes[j] * inner for j in range(n)]
-    send = torch.empty(sum(send_splits), dtype=x.dtype, device=x.device)
-    pos = 0
-    for j in range(n):  # block j: (s_r, d_j, *rest), contiguous, for rank j
-        send[pos : pos + send_splits[j]].view(s_r, dst_sizes[j], *rest).copy_(
-            xp.narrow(1, d_offs[j], dst_sizes[j])
-        )
-        pos += send_splits[j]
-    d_r = dst_sizes[info.rank]
-    recv_splits = [src_sizes[j] * d_r * inner for j in range(n)]
-    recv = C.all_to_all(send, send_splits, recv_splits, info.group, tag="switch")
-    yp = recv.view(sum(src_sizes), d_r, *rest)  # (L_src, d_r, *rest), blocks in rank order
-    inv = [0] * x.dim()
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return yp.permute(inv).contiguous()
+    return _switch_many([x], src, dst, [src_sizes], [dst_sizes], info)[0]
 
 
 def gather_dim(
@@ -213,6 +278,21 @@ class _Switch(torch.autograd.Function):
     def backward(ctx, g):
         src, dst, src_sizes, dst_sizes, info = ctx.args
         return _switch_impl(g, dst, src, dst_sizes, src_sizes, info), None, None, None, None, None
+
+
+class _SwitchMany(torch.autograd.Function):
+    """Several tensors ``src -> dst`` in one all-to-all; backward: ``dst -> src``, one too."""
+
+    @staticmethod
+    def forward(ctx, src, dst, src_sizes, dst_sizes, info, *xs):
+        ctx.args = (src, dst, src_sizes, dst_sizes, info)
+        return tuple(_switch_many(xs, src, dst, src_sizes, dst_sizes, info))
+
+    @staticmethod
+    def backward(ctx, *gs):
+        src, dst, src_sizes, dst_sizes, info = ctx.args
+        gx = _switch_many([g.contiguous() for g in gs], dst, src, dst_sizes, src_sizes, info)
+        return (None, None, None, None, None, *gx)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -331,3 +411,60 @@ def switch(
     src_sizes = _shard_lengths(x, src, info, src_size, validate, "switch", "src_size")
     dst_sizes = shard_sizes(x.shape[dst], info.size)
     return _Switch.apply(x, src, dst, src_sizes, dst_sizes, info)
+
+
+def switch_many(
+    xs: Sequence[torch.Tensor],
+    src_dim: int,
+    dst_dim: int,
+    group: Optional[dist.ProcessGroup] = None,
+    *,
+    src_size: Union[int, Sequence[int], None] = None,
+) -> List[torch.Tensor]:
+    """:func:`switch` of several tensors (e.g. q, k, v) in one ``all_to_all_single``.
+
+    Each tensor moves exactly the bytes its own :func:`switch` would (same blocks, one
+    message per peer instead of one per tensor and peer); results equal per-tensor switches
+    exactly. The tensors share ``src_dim``/``dst_dim`` and a dtype; other dims may differ.
+
+    Args:
+        xs: this rank's shards, each full along ``dst_dim``.
+        src_dim, dst_dim, group: as for :func:`switch`.
+        src_size: the full length of ``src_dim``, one for all or one per tensor; omitted,
+            one small metadata exchange learns every tensor's lengths.
+
+    Backward: one ``switch_many(dst_dim -> src_dim)`` of the gradients.
+    """
+    xs = list(xs)
+    if not xs:
+        return []
+    if len({(x.dtype, x.device, x.dim()) for x in xs}) > 1:
+        raise ValueError(
+            "dsp.switch_many: tensors must share dtype, device and number of dims, got "
+            + ", ".join(f"{tuple(x.shape)} {x.dtype} {x.device}" for x in xs)
+        )
+    info = group_info(group)
+    src = normalize_dim(src_dim, xs[0].dim(), "src_dim")
+    dst = normalize_dim(dst_dim, xs[0].dim(), "dst_dim")
+    if src == dst:
+        raise ValueError(f"dsp.switch_many: src_dim and dst_dim are the same dim ({src})")
+    fulls = [src_size] * len(xs) if src_size is None or isinstance(src_size, int) else src_size
+    if len(fulls) != len(xs):
+        raise ValueError(f"dsp.switch_many: {len(xs)} tensors but src_size={src_size}")
+    if info.size == 1:
+        for x, full in zip(xs, fulls):
+            if full is not None and full != x.shape[src]:
+                raise ValueError(
+                    f"dsp.switch_many: src_size={full} but dim {src} has length {x.shape[src]}"
+                )
+        return xs
+    if any(f is None for f in fulls):
+        rows = C.exchange_ints([x.shape[src] for x in xs], info.group, tag="switch_many:sizes")
+        src_sizes = [[row[t] for row in rows] for t in range(len(xs))]
+    else:
+        src_sizes = [
+            _shard_lengths(x, src, info, f, False, "switch_many", "src_size")
+            for x, f in zip(xs, fulls)
+        ]
+    dst_sizes = [shard_sizes(x.shape[dst], info.size) for x in xs]
+    return list(_SwitchMany.apply(src, dst, src_sizes, dst_sizes, info, *xs))
