@@ -1,7 +1,7 @@
 """Per-rank bodies: diffusers' models, unchanged, under dsp.integrations.diffusers.
 
-Tiny random configs (no downloads), fp64, B = 2, F = 5 frames of 4 x 3 patches (uneven over
-2 and 3 ranks).
+Tiny random configs (dsp.integrations.diffusers.tiny: no downloads), fp64, B = 2, F = 5 frames
+of 4 x 3 patches (uneven over 2 and 3 ranks).
 """
 
 from __future__ import annotations
@@ -13,78 +13,27 @@ import torch
 import torch.distributed as dist
 
 import dsp
-from dsp.integrations.diffusers import parallelize
+from dsp.integrations.diffusers import parallelize, tiny
 
 B, F, H, W = 2, 5, 8, 6  # latent frames and size; patches 2 x 2: 4 x 3 per frame
 
 
-def latte(frames: int = F):
-    from diffusers import LatteTransformer3DModel
+def _tiny(name: str, frames: int = F):
+    """``(model, (x, kwargs))``: the tiny fp64 model of dsp.integrations.diffusers.tiny."""
+    model, args, kwargs = tiny.build(name, batch=B, frames=frames, height=H, width=W)
+    return model, (*args, kwargs)
 
-    torch.manual_seed(0)
-    model = LatteTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        sample_size=8,
-        patch_size=2,
-        video_length=frames,
-        caption_channels=16,
-        cross_attention_dim=16,
-    ).double()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(B, 4, frames, H, W, generator=g, dtype=torch.float64)
-    text = torch.randn(B, 7, 16, generator=g, dtype=torch.float64)
-    return model, (x, {"timestep": torch.tensor([3, 500]), "encoder_hidden_states": text})
+
+def latte(frames: int = F):
+    return _tiny("latte", frames)
 
 
 def wan():
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=3,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        rope_max_seq_len=32,
-    ).double()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(B, 4, F, H, W, generator=g, dtype=torch.float64)
-    text = torch.randn(B, 7, 16, generator=g, dtype=torch.float64)
-    return model, (x, {"timestep": torch.tensor([3, 500]), "encoder_hidden_states": text})
+    return _tiny("wan")
 
 
 def animatediff():
-    from diffusers import UNetMotionModel
-
-    torch.manual_seed(0)
-    model = UNetMotionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
-        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
-        cross_attention_dim=16,
-        num_attention_heads=2,
-        norm_num_groups=4,
-        motion_num_attention_heads=2,
-        motion_max_seq_length=8,
-    ).double()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(B, 4, F, H, W, generator=g, dtype=torch.float64)
-    text = torch.randn(B, 7, 16, generator=g, dtype=torch.float64)
-    text = text.repeat_interleave(F, dim=0)  # per frame, as AnimateDiffPipeline passes it
-    return model, (x, {"timestep": torch.tensor([3, 500]), "encoder_hidden_states": text})
+    return _tiny("animatediff")
 
 
 MODELS = {"latte": latte, "wan": wan, "animatediff": animatediff}
@@ -154,17 +103,10 @@ def equality(name: str, strategy: str = "dsp", atol: float = 1e-9, frames: int =
 
 # ----------------------------------------------------------------------------- pipelines
 def latte_pipeline():
-    from diffusers import AutoencoderKL, DDIMScheduler, LattePipeline
+    from diffusers import DDIMScheduler, LattePipeline
 
     model, _ = latte()
-    torch.manual_seed(3)
-    vae = AutoencoderKL(
-        latent_channels=4,
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8,
-    ).double()
+    vae = tiny.vae(torch.float64)
     pipe = LattePipeline(
         tokenizer=None, text_encoder=None, vae=vae, transformer=model, scheduler=DDIMScheduler()
     )
