@@ -81,23 +81,34 @@ def rank_bench(cfg: BenchConfig) -> dict:
     from dsp.models import build_model
     from dsp.strategies import get_strategy, meta_like
 
-    torch.manual_seed(0)
-    model = build_model(cfg.model, **cfg.model_overrides())
-    c = model.config
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(cfg.batch, c.in_channels, cfg.frames, cfg.height, cfg.width, generator=g)
-    y = torch.randn(cfg.batch, cfg.text_len, c.caption_channels, generator=g)
-    t = torch.randint(0, 1000, (cfg.batch,), generator=g)
-    target = torch.randn(cfg.batch, c.out_channels, cfg.frames, cfg.height, cfg.width, generator=g)
-    strategy = get_strategy(cfg.strategy, plan=cfg.plan, **cfg.options)
-    strategy.apply(model, meta_like(x, t, y))
+    if cfg.model.startswith("diffusers:"):  # diffusers' models, unchanged (bench/diffusers.py)
+        from dsp.bench.diffusers import setup
+
+        model, forward, target, strategy = setup(cfg)
+    else:
+        torch.manual_seed(0)
+        model = build_model(cfg.model, **cfg.model_overrides())
+        c = model.config
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(cfg.batch, c.in_channels, cfg.frames, cfg.height, cfg.width, generator=g)
+        y = torch.randn(cfg.batch, cfg.text_len, c.caption_channels, generator=g)
+        t = torch.randint(0, 1000, (cfg.batch,), generator=g)
+        target = torch.randn(
+            cfg.batch, c.out_channels, cfg.frames, cfg.height, cfg.width, generator=g
+        )
+        strategy = get_strategy(cfg.strategy, plan=cfg.plan, **cfg.options)
+        strategy.apply(model, meta_like(x, t, y))
+
+        def forward():
+            return model(x, t, y)
+
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if cfg.mode == "train" else None
     stats: dict = {}
 
     def step(measure: bool) -> None:
         if cfg.mode == "infer":
             with torch.no_grad(), comm_log() as log:
-                model(x, t, y)
+                forward()
             if measure:
                 stats.update(fwd=log.sent("forward"), bwd=0, sync=0, saved=0)
             return
@@ -105,9 +116,9 @@ def rank_bench(cfg: BenchConfig) -> dict:
         with comm_log() as log:
             if measure:
                 with saved_activations(model.parameters()) as saved:
-                    out = model(x, t, y)
+                    out = forward()
             else:
-                out = model(x, t, y)
+                out = forward()
             torch.nn.functional.mse_loss(out, target).backward()
         with comm_log() as sync_log:
             if cfg.grad_sync:
