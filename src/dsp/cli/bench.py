@@ -30,7 +30,9 @@ def add_parser(sub) -> None:
         "--model",
         type=names,
         default=["stdit-tiny"],
-        help="model config name(s), comma-separated (see dsp.models.list_models)",
+        help="model config name(s), comma-separated (see dsp.models.list_models), or "
+        "diffusers:latte, diffusers:wan, diffusers:animatediff (diffusers' own models, tiny "
+        "random configs, unchanged; megatron_sp does not apply to them)",
     )
     p.add_argument(
         "--strategy",
@@ -175,7 +177,20 @@ def check_flags(args) -> None:
     if not args.world_size:
         raise ValueError("--world-size needs at least one value, e.g. 2,4")
     check_local_world(max(args.world_size), force=args.force)
+    check_diffusers(args)
     check_shards(args)
+
+
+def check_diffusers(args) -> None:
+    """``diffusers:NAME`` models: a known name and diffusers installed, before ranks start."""
+    import importlib.util
+
+    from dsp.bench.diffusers import is_diffusers, model_config, tiny_name
+
+    for name in filter(is_diffusers, args.model):
+        model_config(tiny_name(name), args.depth, args.hidden, args.heads)
+        if importlib.util.find_spec("diffusers") is None:
+            raise ValueError(f"--model {name} needs diffusers: pip install -e '.[diffusers]'")
 
 
 def check_shards(args) -> None:
