@@ -67,9 +67,11 @@ def test_animatediff_frames_sharded_through_the_unet_equal_one_process(pools, n)
     assert _sent(results) == results[0]["predicted"] > 0
     kinds = results[0]["kinds"]
     # convolutions, ResNets and spatial transformers run on frame shards (per-frame
-    # timestep and text sliced at each block); motion modules need every frame
-    assert {k for k, m in kinds if "motion_modules" in m} == {"whole"}
+    # timestep and text sliced at each block); motion modules need every frame: they run on
+    # shards of their own rows or columns, GroupNorm statistics summed over the ranks
+    assert {k for k, m in kinds if "motion_modules" in m} == {"compute"}
     assert {k for k, m in kinds if "motion_modules" not in m} == {"local"}
+    assert "whole" not in results[0]["plan"]
 
 
 def test_wan_side_by_side_with_diffusers_own_context_parallelism(pools):

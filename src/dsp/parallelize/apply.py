@@ -67,7 +67,7 @@ class Parallelized:
         for hook in self.hooks:
             mod = mods[hook.module]
             args = Args(mod)
-            inside = tuple(a for a in hook.acts if a.op in ("attend", "buffers"))
+            inside = tuple(a for a in hook.acts if a.op in ("attend", "norm", "buffers"))
             if inside and hook.side == "pre":  # around the module's own forward (see _Around)
                 self.handles.append(_Around(mod, inside, rt))
             hook = Hook(hook.module, hook.side, tuple(a for a in hook.acts if a not in inside))
@@ -164,7 +164,8 @@ def _post(hook: Hook, rt: Runtime, mod: nn.Module, mods):
 
 
 class _Around:
-    """Wraps ``module.forward`` so that its attentions are rerouted and its buffers sliced
+    """Wraps ``module.forward`` so that its attentions and norms are rerouted and its buffers
+    sliced
     *inside* the forward: a recomputation by activation checkpointing (which re-runs the
     forward, not the hooks around it) does the same. Removed with the other hooks."""
 
@@ -177,7 +178,7 @@ class _Around:
             entered = []
             try:
                 for act in acts:
-                    if act.op == "attend":
+                    if act.op in ("attend", "norm"):
                         rt.push_attend(act)
                     else:
                         rt.slice_buffer(mod, act)
@@ -185,7 +186,7 @@ class _Around:
                 return inner(*args, **kwargs)
             finally:
                 for act in reversed(entered):
-                    if act.op == "attend":
+                    if act.op in ("attend", "norm"):
                         rt.pop_attend(act)
                     else:
                         rt.restore_buffer(mod, act)

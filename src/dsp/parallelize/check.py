@@ -59,6 +59,8 @@ def check_plan(plan: Plan, model: nn.Module, decl: Optional[Declarations] = None
             raise PlanError(f"{what} appears twice in the plan")
         seen.add(key)
         moves = st.kind in ("compute", "relayout", "gather_output", "ring")
+        if st.kind == "compute" and st.shard in decl.inner.get(st.module, ()):
+            moves = False  # the module's own dim ('shard' declaration), not the stream's
         _has(stream, st.compute + ((st.shard,) if st.shard and moves else ()), what)
         if st.rest is not None and st.rest not in stream.seq:
             raise PlanError(f"{what}: rest {st.rest!r} is not a sequence dim of {stream.seq}")
@@ -122,7 +124,8 @@ def _check_compute(st: Stage, stream: Stream, plan: Plan, decl, what: str, names
     if not st.compute:
         raise PlanError(f"{what}: a compute stage names the dims it computes over")
     _has(stream, st.compute, what)
-    if set(stream.seq) <= set(st.compute):
+    own = st.shard in decl.inner.get(st.module, ())  # runs on a dim of its own ('shard')
+    if set(stream.seq) <= set(st.compute) and not own:
         raise PlanError(f"{what}: " + every_dim_message(st.module, st.compute, [stream]))
     for s in plan.streams:
         inside = [m for m in (s.entry, s.exit) if m.startswith(st.module + ".") or not st.module]

@@ -17,6 +17,7 @@ gather         sharded ``src`` -> whole (exit)        this rank's slice, times N
 allgather      sharded ``src`` -> whole (operand)     reduce-scatter (sum)
 reducescatter  partial sums -> shard of ``dst``       all-gather
 attend         attentions inside run as ``heads`` / ``ring`` / ``usp`` over ``src``
+norm           group norms inside, sharded on ``src``: statistics summed over ranks
 buffers        attributes sliced to ``dst`` while the module runs (restored after)
 bind           learn dim sizes from a whole input (no data moves)
 =============  =====================================  ==============================
@@ -143,6 +144,11 @@ def stage_hooks(i: int, st: Stage, plan: Plan, decl: Declarations) -> List[Hook]
         act = Act(
             "attend", None, sdpa, r, "H" if st.kind != "ring" else r, label, st.kind, st.degree
         )
+        pre.append(act)
+        post.insert(0, act)
+    norm = decl.norms.get(st.module)
+    if norm is not None and runs_on in norm.names and runs_on not in norm.groups[0]:
+        act = Act("norm", None, norm, runs_on, None, label)
         pre.append(act)
         post.insert(0, act)
     outs = decl.output_layouts(st.module, s)

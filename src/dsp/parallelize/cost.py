@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 from dsp.layout import LayoutError
 from dsp.parallelize.compile import Act, Hook, act_bytes, compile_plan, encloses
 from dsp.parallelize.declared import Declarations
+from dsp.parallelize.norms import norm_bytes
 from dsp.parallelize.plan import RUNS, Plan, PlanError, Stage
 from dsp.parallelize.trace import Call, TensorInfo, Trace
 
@@ -94,6 +95,13 @@ def act_costs(hook: Hook, call: Call, trace: Trace, n: int, sizes: Optional[Dict
     for act in hook.acts:
         if act.op == "buffers":
             continue
+        if act.op == "norm":
+            if trace.declared:
+                raise PlanError(f"{act.label}: sharded norms need a recorded trace")
+            if hook.side == "pre":
+                for m in trace.norms_inside(call):
+                    yield (act, *norm_bytes(m.x.shape, m.groups, m.x.itemsize, m.x.grad, n))
+            continue
         if act.op == "attend":
             attends = trace.inside(call)
             if trace.declared:
@@ -144,6 +152,23 @@ def _check_shard(dim: Optional[str], stream, trace: Trace, n: int, even_only: bo
             f"{what}: dim {dim!r} of length {length} {why} the world size {n}"
             + (" (even_only)" if length >= n else " (some ranks would hold empty shards)")
         )
+
+
+def inner_size(
+    decl: Declarations, module: str, dim: str, call: Call, trace: Trace
+) -> Optional[int]:
+    """The length of a module's own shard dim (its ``shard`` declaration) at ``call``, from
+    the recorded input whose declared layout has it (None if that input was not recorded)."""
+    for key, lay in (decl.inputs.get(module) or {}).items():
+        info = call.input(key)
+        if dim in lay.names and info is not None:
+            sizes: Dict[str, int] = dict(trace.sizes)
+            try:
+                lay.bind(info.shape, sizes, what=f"{module!r} input {key!r}")
+            except LayoutError:
+                continue
+            return sizes.get(dim)
+    return None
 
 
 def region_calls(trace: Trace, s) -> Tuple[Call, Call]:
@@ -237,7 +262,8 @@ def simulate(
         stages.setdefault(st.module, []).append((i, st))
         stream = streams[st.stream]
         what = f"stage {i} ({st.kind} {st.module})"
-        if st.kind in ("compute", "relayout"):
+        own = st.kind == "compute" and st.shard in decl.inner.get(st.module, ())
+        if st.kind in ("compute", "relayout") and not own:
             _check_shard(st.shard, stream, trace, n, even_only, what)
         if st.out_stream:
             _check_shard(st.out_shard, streams[st.out_stream], trace, n, even_only, what)
@@ -282,6 +308,8 @@ def simulate(
                 elif st.kind != "gather_output":
                     if st.rest != rest[st.stream]:
                         raise _rest_error(i, st, rest[st.stream])
+                    if st.kind == "compute" and st.shard in decl.inner.get(st.module, ()):
+                        _check_inner(i, st, decl, call, trace, n, even_only)
                     active.append((call, st))
             _check_call(call, decl, plan, stages, rest, active, live, trace)
         else:
@@ -298,6 +326,16 @@ def simulate(
             "(or a relayout is not at a block boundary of its stream)"
         )
     return cost
+
+
+def _check_inner(i: int, st: Stage, decl: Declarations, call: Call, trace, n, even_only) -> None:
+    length = inner_size(decl, st.module, st.shard, call, trace)
+    if length is not None and not legal(length, n, even_only):
+        raise PlanError(
+            f"stage {i} (compute {st.module!r}): its own dim {st.shard!r} has length {length} "
+            f"at this call, too short to shard over {n} ranks"
+            + (" evenly" if even_only and length >= n else "")
+        )
 
 
 def _inside(clock: int, span: Tuple[int, int]) -> bool:

@@ -19,6 +19,13 @@ dict as a ``dsp_declare`` attribute on the module):
 * ``buffers``: ``{attribute: layout}`` for parameters or buffers of this module that its own
   forward uses between child modules (e.g. a position table ``"1 F C"`` a parent adds);
   they are sliced to the current shard while it runs, with the exact gradient.
+* ``shard``: dims of the module's stream input that are not sequence dims of the stream
+  (their length may differ from call to call, like a UNet's rows at each resolution) and
+  that it may run sharded on: the stream switches onto one at the module's input and back
+  at its output, e.g. ``"Hm"`` for a motion module on ``"(B F) Cm Hm Wm"``.
+* ``norm``: the layout of the input of the ``torch.nn.functional.group_norm`` calls inside
+  it, e.g. ``"B Cm F Hm Wm"``. While it runs sharded on a dim its norms reduce over (any
+  dim but the first), their statistics are summed over the ranks (:mod:`.norms`).
 * ``operands``: ``{child: dims}``: children whose output the module uses whole (also the
   attribute ``full_operands``); ``shard_map``: ``{input dim: output dim}`` for a module whose
   output belongs to another stream.
@@ -46,7 +53,17 @@ __all__ = [
 ]
 
 Patterns = Optional[Mapping[str, object]]
-KEYS = ("compute", "inputs", "output", "sdpa", "buffers", "operands", "shard_map")
+KEYS = (
+    "compute",
+    "inputs",
+    "output",
+    "sdpa",
+    "buffers",
+    "operands",
+    "shard_map",
+    "shard",
+    "norm",
+)
 
 
 @dataclass
@@ -60,6 +77,8 @@ class Declarations:
     outputs: Dict[str, Dict[Optional[int], Layout]] = field(default_factory=dict)
     sdpa: Dict[str, Layout] = field(default_factory=dict)
     buffers: Dict[str, Dict[str, Layout]] = field(default_factory=dict)
+    inner: Dict[str, Tuple[str, ...]] = field(default_factory=dict)  # module -> own shard dims
+    norms: Dict[str, Layout] = field(default_factory=dict)
     subtree: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
     boundaries: Dict[str, List[str]] = field(default_factory=dict)  # stream -> block modules
 
@@ -140,6 +159,11 @@ def _read_entry(decl: Declarations, name: str, entry: Mapping[str, Any]) -> None
         decl.buffers[name] = {
             k: _layout(v, f"module {name!r} buffer {k!r}") for k, v in entry["buffers"].items()
         }
+    if entry.get("shard"):
+        dims = entry["shard"]
+        decl.inner[name] = _dims(dims.split() if isinstance(dims, str) else dims)
+    if entry.get("norm"):
+        decl.norms[name] = _layout(entry["norm"], f"module {name!r} norm")
     for child, dims in (entry.get("operands") or {}).items():
         decl.operands[f"{name}.{child}" if name else child] = (name, _dims(dims))
     if entry.get("shard_map"):
@@ -185,6 +209,15 @@ def read_declarations(
         if dims is not None:
             decl.operands[name] = (name.rpartition(".")[0], _dims(dims))
     _check_arguments(decl, modules)
+    for name, dims in decl.inner.items():
+        names = {d for lay in (decl.inputs.get(name) or {}).values() for d in lay.names}
+        lost = [d for d in dims if d not in names]
+        if lost:
+            raise PlanError(
+                f"module {name or '<root>'!r} may run sharded on {list(lost)} ('shard'), but no "
+                f"declared input layout of it has that dim (inputs: "
+                f"{ {k: str(v) for k, v in (decl.inputs.get(name) or {}).items()} })"
+            )
     for name, bufs in decl.buffers.items():
         for b in bufs:
             if not hasattr(modules[name], b):

@@ -35,6 +35,7 @@ from dsp.parallelize.cost import (
     PlanCost,
     act_costs,
     imbalance,
+    inner_size,
     legal,
     region_calls,
     simulate,
@@ -320,8 +321,13 @@ class _Search:
             else None
         )
         cands: List[Stage] = []
+        own = [  # the module's own shard dims ('shard'), long enough at this call
+            d
+            for d in ([] if smap else self.rec.decl.inner.get(module, ()))
+            if legal(self.own_size(module, d, site.call), self.n, self.even_only)
+        ]
         if "compute" in self.kinds:
-            for c in self.legal_dims(stream, exclude=compute, within=smap):
+            for c in self.legal_dims(stream, exclude=compute, within=smap) + own:
                 if out_stream:
                     o = state[self.order.index(out_stream)]
                     cands.append(
@@ -361,9 +367,20 @@ class _Search:
         out = []
         for st in cands:
             b = self.bytes_of(st, site.call, _gathered(st, site.operands, self.rec))
-            imb = imbalance(self.size(st.shard), self.n) if st.kind == "compute" else Fraction(0)
+            length = (
+                self.own_size(module, st.shard, site.call)
+                if st.shard in own
+                else self.size(st.shard)
+                if st.kind == "compute"
+                else None
+            )
+            imb = imbalance(length, self.n) if length is not None else Fraction(0)
             out.append((state, (b, imb, RANK[st.kind]), ("stage", st, site, state)))
         return out
+
+    def own_size(self, module: str, dim: str, call: Call) -> int:
+        """Length of a module's own shard dim at ``call`` (0 if unknown)."""
+        return inner_size(self.rec.decl, module, dim, call, self.rec.trace) or 0
 
     def chosen(self, module: str, cands: List[Stage], extra: List[Stage]) -> List[Stage]:
         """The candidates the user's override for ``module`` allows (``extra``: options only

@@ -23,6 +23,7 @@ from dsp.comm.shards import shard_sizes
 from dsp.layout import Layout, LayoutError
 from dsp.mesh import group_info, split_group
 from dsp.parallelize.compile import Act
+from dsp.parallelize.norms import NormMode
 from dsp.parallelize.plan import PlanError
 from dsp.parallelize.trace import sdpa_arguments
 
@@ -36,12 +37,13 @@ class Runtime:
         self.group = group
         self.info = group_info(group)
         self.sizes: Dict[str, int] = {}
+        self.inner: Dict[str, int] = {}  # full lengths of stages' own shard dims (``shard``)
         self.modes: List[Tuple[Act, TorchFunctionMode]] = []
         self.subgroups: Dict[int, tuple] = {}
 
     def reset(self, _mod, _args) -> None:
         """A new forward: forget sizes; undo what a forward that raised left behind."""
-        self.sizes = {}
+        self.sizes, self.inner = {}, {}
         while self.modes:
             self.modes.pop()[1].__exit__(None, None, None)
 
@@ -64,9 +66,14 @@ class Runtime:
         whole = act.op in ("split", "reducescatter", "bind")
         persist = act.op == "bind" or act.label.startswith("split ")
         sizes = self.sizes if persist else dict(self.sizes)
-        self.bind(lay, x, None if whole else act.src, what, sizes)
+        src = None if whole else act.src
+        if src is not None and src not in self.sizes:  # a stage's own dim: learned at its input
+            sizes.update({d: self.inner[d] for d in _fold_of(lay, src) if d in self.inner})
+        self.bind(lay, x, src, what, sizes)
         if act.op == "bind":
             return x
+        if act.op == "switch" and act.dst not in self.sizes:  # remember it for the way back
+            self.inner.update({d: sizes[d] for d in _fold_of(lay, act.dst)})
         u = lay.unfold(x, sizes, None if whole else act.src, n, self.info.rank)
         if act.op == "split":  # whole -> shard; backward keeps this rank's part
             y = split(u, lay.index(act.dst), g, grad_mode="shard")
@@ -108,7 +115,8 @@ class Runtime:
 
     # ------------------------------------------------------------------ attention
     def push_attend(self, act: Act) -> None:
-        mode = _AttendMode(self, act)
+        """Enter the mode that reroutes the act's attentions (or group norms)."""
+        mode = NormMode(self.group, act.label) if act.op == "norm" else _AttendMode(self, act)
         mode.__enter__()
         self.modes.append((act, mode))
 
@@ -180,6 +188,11 @@ class Runtime:
         out = ring_attention(q, k, v, group, seq_sizes=seq)
         inv = [perm.index(i) for i in range(4)]
         return out.permute(inv)
+
+
+def _fold_of(lay: Layout, dim: str) -> Tuple[str, ...]:
+    """The named dims folded together with ``dim`` (``dim`` included)."""
+    return next((tuple(d for d in g if d != "1") for g in lay.groups if dim in g), ())
 
 
 def _dim(d: str, src: Optional[str], sz: Dict[str, int]) -> int:

@@ -10,6 +10,7 @@ run in registration order and every tensor at a stage to have its stream's full 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -85,6 +86,15 @@ class Attend:
 
 
 @dataclass(frozen=True)
+class NormCall:
+    """One ``group_norm`` call at ``clock``: its input and number of groups."""
+
+    clock: int
+    x: TensorInfo
+    groups: int
+
+
+@dataclass(frozen=True)
 class Trace:
     """The calls of one forward, the named dims' full sizes and the element size."""
 
@@ -96,6 +106,7 @@ class Trace:
     attends: Tuple[Attend, ...] = ()
     buffer_uses: Tuple[Tuple[int, str, str], ...] = ()  # (clock, module, attribute)
     declared: bool = field(default=False)
+    norms: Tuple[NormCall, ...] = ()
 
     def size(self, dim: str) -> int:
         return dict(self.sizes)[dim]
@@ -113,6 +124,10 @@ class Trace:
     def inside(self, call: Call) -> List[Attend]:
         """The attention calls made while ``call`` ran."""
         return [a for a in self.attends if call.start < a.clock < call.end]
+
+    def norms_inside(self, call: Call) -> List[NormCall]:
+        """The ``group_norm`` calls made while ``call`` ran."""
+        return [m for m in self.norms if call.start < m.clock < call.end]
 
 
 class _Watched(torch.Tensor):
@@ -140,15 +155,21 @@ def sdpa_arguments(args: tuple, kwargs: dict):
 
 
 class _AttendSpy(TorchFunctionMode):
-    def __init__(self, record):
+    """Records attention and group-norm calls (the ops a stage may reroute)."""
+
+    def __init__(self, record, record_norm):
         super().__init__()
-        self.record = record
+        self.record, self.record_norm = record, record_norm
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             qkv, _, _ = sdpa_arguments(args, kwargs)
             self.record(*[_info(a) for a in qkv])
+        elif func is F.group_norm:
+            x = kwargs.get("input", args[0] if args else None)
+            groups = kwargs.get("num_groups", args[1] if len(args) > 1 else None)
+            self.record_norm(_info(x), int(groups))
         return func(*args, **kwargs)
 
 
@@ -172,6 +193,7 @@ def trace_model(
     calls: List[Dict[str, Any]] = []
     open_calls: Dict[str, List[Dict[str, Any]]] = {}
     attends: List[Attend] = []
+    norms: List[NormCall] = []
     uses: List[Tuple[int, str, str]] = []
     clock = [0]
     sigs = {name: Args(mod) for name, mod in model.named_modules()}
@@ -209,6 +231,10 @@ def trace_model(
         attends.append(Attend(clock[0], q, k, v))
         clock[0] += 1
 
+    def norm(x, groups):
+        norms.append(NormCall(clock[0], x, groups))
+        clock[0] += 1
+
     handles = []
     for name, mod in model.named_modules():
         handles.append(mod.register_forward_pre_hook(pre(name), with_kwargs=True))
@@ -229,13 +255,14 @@ def trace_model(
                 base = state.get(key, getattr(modules[owner], attr))
                 w = base.detach().as_subclass(_Watched).requires_grad_(base.requires_grad)
                 watched[key] = (owner, attr, w)
-        with _AttendSpy(attend):
+        with _AttendSpy(attend, norm):
             _run(model, state, args, kwargs, watched, uses, clock, on_meta)
     finally:
         for h in handles:
             h.remove()
     recorded = tuple(Call(**{"outs": (), **c}) for c in calls)
-    return _finish(streams, recorded, attends, uses, layouts)
+    trace = _finish(streams, recorded, attends, uses, layouts)
+    return dataclasses.replace(trace, norms=tuple(norms))
 
 
 def _run(model, state, args, kwargs, watched, uses, clock, on_meta) -> None:
