@@ -14,7 +14,15 @@ import torch
 
 import dsp
 
-__all__ = ["environment", "write_json", "markdown", "vs_serial_estimate", "plot", "speedups"]
+__all__ = [
+    "comm_split",
+    "environment",
+    "markdown",
+    "plot",
+    "speedups",
+    "vs_serial_estimate",
+    "write_json",
+]
 
 
 def environment() -> dict:
@@ -70,6 +78,74 @@ def speedups(results: List[dict], base: str = "dsp") -> List[dict]:
                         / max(1, o["bytes_sent_forward"] + o["bytes_sent_backward"]),
                     }
                 )
+    return out
+
+
+def comm_split(meta: dict, results: List[dict]) -> List[dict]:
+    """Each measured configuration's step split into compute, exposed and hidden communication.
+
+    ``exposed``: the median seconds the slowest rank spent blocked in communication calls
+    (``exposed_comm_s``); ``compute = step - exposed``. ``comm_at_link``: the step's bytes
+    (forward, backward, gradient sync) at the achieved all-to-all rate measured for that
+    world size (``None`` where none was measured); ``hidden = max(0, comm_at_link -
+    exposed)``: transfer time that ran under compute (ring attention's overlapped blocks), an
+    estimate, since the link rate is measured for one large all-to-all.
+    """
+    links = meta.get("link", {}).get("per_world_size", {})
+    out = []
+    for r in results:
+        st, ex = r.get("step_time_s"), r.get("exposed_comm_s")
+        if not st or not ex:
+            continue
+        link = links.get(r["world_size"]) or links.get(str(r["world_size"])) or {}
+        bw = link.get("achieved_bytes_per_s")
+        nbytes = sum(r.get(k) or 0 for k in _BYTES)
+        at_link = nbytes / bw if bw and r["world_size"] > 1 else (0.0 if nbytes == 0 else None)
+        step, exposed = st["median"], min(ex["median"], st["median"])
+        out.append(
+            {
+                "strategy": r["strategy"],
+                "world_size": r["world_size"],
+                "frames": r["frames"],
+                "height": r["height"],
+                "width": r["width"],
+                "step_s": step,
+                "compute_s": step - exposed,
+                "exposed_s": exposed,
+                "comm_at_link_s": at_link,
+                "hidden_s": None if at_link is None else max(0.0, at_link - exposed),
+            }
+        )
+    return out
+
+
+_BYTES = ("bytes_sent_forward", "bytes_sent_backward", "bytes_sent_grad_sync")
+
+
+def _comm_lines(meta: dict, results: List[dict]) -> List[str]:
+    rows = comm_split(meta, results)
+    if not rows:
+        return []
+    out = [
+        "",
+        "## Compute and communication per step",
+        "",
+        "exposed: median seconds the slowest rank spent blocked in communication calls; "
+        "compute = step - exposed; at link: the step's bytes at the achieved all-to-all rate; "
+        "hidden = at link - exposed (>= 0), transfer time that ran under compute",
+        "",
+        "| strategy | N | T x H x W | step s | compute s | exposed s | exposed % | at link s | "
+        "hidden s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in rows:
+        link = "-" if c["comm_at_link_s"] is None else f"{c['comm_at_link_s']:.3f}"
+        hidden = "-" if c["hidden_s"] is None else f"{c['hidden_s']:.3f}"
+        out.append(
+            f"| {c['strategy']} | {c['world_size']} | {c['frames']}x{c['height']}x{c['width']} | "
+            f"{c['step_s']:.3f} | {c['compute_s']:.3f} | {c['exposed_s']:.3f} | "
+            f"{100 * c['exposed_s'] / c['step_s']:.0f} | {link} | {hidden} |"
+        )
     return out
 
 
@@ -155,7 +231,7 @@ def markdown(meta: dict, results: List[dict], title: str = "dsp bench") -> str:
             f"{_kib(r['bytes_sent_grad_sync'])} | {_kib(r['saved_activation_bytes'])} | "
             f"{(r['peak_rss_bytes'] or 0) / 2**20:.0f} | {r['error'] or ''} |"
         )
-    lines += _match_lines(meta) + _vs_single_lines(results)
+    lines += _match_lines(meta) + _comm_lines(meta, results) + _vs_single_lines(results)
     sp = speedups(results)
     if sp:
         lines += [
@@ -242,8 +318,11 @@ def _vs_single_lines(results: List[dict]) -> List[str]:
     return out
 
 
-def plot(results: List[dict], out_dir: str, prefix: str = "") -> List[str]:
-    """Throughput vs sequence length, bytes per step, DSP speedups. Returns PNG paths."""
+def plot(
+    results: List[dict], out_dir: str, prefix: str = "", meta: Optional[dict] = None
+) -> List[str]:
+    """Throughput vs sequence length, bytes per step, DSP speedups, and each configuration's
+    step as compute / hidden / exposed communication (``comm.png``). Returns PNG paths."""
     try:
         import matplotlib
 
@@ -300,6 +379,10 @@ def plot(results: List[dict], out_dir: str, prefix: str = "") -> List[str]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
+    split = comm_split(meta or {}, results)
+    if split:
+        paths.append(_plot_comm(plt, split, os.path.join(out_dir, prefix + "comm.png")))
+
     sp = speedups(results)
     if sp:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -316,3 +399,33 @@ def plot(results: List[dict], out_dir: str, prefix: str = "") -> List[str]:
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths
+
+
+def _plot_comm(plt, split: List[dict], path: str) -> str:
+    """Stacked bars per configuration: compute alone, compute with communication hidden
+    under it, exposed communication; the bar's height is the step time."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(split) + 2), 4))
+    x = range(len(split))
+    hidden = [min(c["hidden_s"] or 0.0, c["compute_s"]) for c in split]
+    alone = [c["compute_s"] - h for c, h in zip(split, hidden)]
+    exposed = [c["exposed_s"] for c in split]
+    ax.bar(x, alone, label="compute", color="tab:blue")
+    ax.bar(x, hidden, bottom=alone, label="compute + hidden comm", color="tab:cyan", hatch="//")
+    ax.bar(
+        x,
+        exposed,
+        bottom=[a + h for a, h in zip(alone, hidden)],
+        label="exposed comm",
+        color="tab:red",
+    )
+    ax.set_xticks(
+        list(x),
+        [f"{c['strategy']}\nN={c['world_size']}\nT={c['frames']}" for c in split],
+        fontsize=6,
+    )
+    ax.set(ylabel="seconds per step (slowest rank)", title="compute and communication per step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -2,9 +2,10 @@
 
 Each configuration runs on the ranks of a pool (:class:`dsp.launch.RankPool`, on loopback or
 inside emulated hosts). Per configuration it records: step time per repeat (the slowest
-rank's), bytes sent per rank in the forward and the backward (``dsp.comm_log``), the bytes of
-the gradient synchronisation, saved-activation bytes and peak RSS per rank. A configuration
-that fails records its error and the sweep goes on.
+rank's), the seconds that rank spent blocked in communication calls (``exposed_comm_s``,
+``CommLog.wait_s``), bytes sent per rank in the forward and the backward (``dsp.comm_log``),
+the bytes of the gradient synchronisation, saved-activation bytes and peak RSS per rank. A
+configuration that fails records its error and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -136,19 +137,39 @@ def rank_bench(cfg: BenchConfig) -> dict:
         step(measure=(i == 0))
     if cfg.warmup == 0:
         step(measure=True)
-    times = []
+    times, waits = [], []
     for _ in range(cfg.repeats):
         _sync(strategy.group)
-        t0 = time.perf_counter()
-        step(measure=False)
-        times.append(time.perf_counter() - t0)
+        with comm_log() as timing:
+            t0 = time.perf_counter()
+            step(measure=False)
+            times.append(time.perf_counter() - t0)
+        waits.append(timing.wait_s)
     return {
         "times": times,
+        "comm_waits": waits,
         "bytes_sent_forward": stats["fwd"],
         "bytes_sent_backward": stats["bwd"],
         "bytes_sent_grad_sync": stats["sync"],
         "saved_activation_bytes": stats["saved"],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def _exposed(per_rank: List[dict]) -> dict:
+    """Exposed communication per step: the seconds the slowest rank of that step spent
+    blocked in communication calls (its step time = its compute + this), plus every rank's
+    median (ranks that wait for a slower one show more)."""
+    n_steps = len(per_rank[0]["times"])
+    ranks = range(len(per_rank))
+    slowest = [max(ranks, key=lambda r: per_rank[r]["times"][i]) for i in range(n_steps)]
+    steps = [per_rank[r]["comm_waits"][i] for i, r in enumerate(slowest)]
+    return {
+        "median": statistics.median(steps),
+        "min": min(steps),
+        "max": max(steps),
+        "all": steps,
+        "per_rank": [statistics.median(r["comm_waits"]) for r in per_rank],
     }
 
 
@@ -159,6 +180,7 @@ def summarize(cfg: BenchConfig, per_rank: Optional[List[dict]], error: str = "")
     if not per_rank:
         row.update(
             step_time_s=None,
+            exposed_comm_s=None,
             samples_per_s=None,
             tokens_per_s=None,
             bytes_sent_forward=None,
@@ -172,6 +194,7 @@ def summarize(cfg: BenchConfig, per_rank: Optional[List[dict]], error: str = "")
     med = statistics.median(steps)
     row.update(
         step_time_s={"median": med, "min": min(steps), "max": max(steps), "all": steps},
+        exposed_comm_s=_exposed(per_rank),
         samples_per_s=cfg.batch / med,
         tokens_per_s=cfg.tokens() / med,
         **{

@@ -291,7 +291,7 @@ def run(args) -> int:
     stem = os.path.splitext(os.path.basename(args.json))[0] if args.json else "bench"
     with open(os.path.join(out_dir, stem + ".md"), "w") as f:
         f.write(md)
-    pngs = plot(rows, out_dir, prefix=stem + "_" if args.json else "")
+    pngs = plot(rows, out_dir, prefix=stem + "_" if args.json else "", meta=meta)
     print(md)
     print(
         f"wrote {os.path.join(out_dir, stem + '.md')}"

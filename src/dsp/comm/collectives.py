@@ -15,6 +15,10 @@ reduce_scatter     ``e * (numel - n_r)``                 ``e * n_r * (N - 1)``
 all_reduce         ``2 e numel (N - 1) / N`` (ring)      same
 send / recv        ``e * numel`` / 0                     0 / ``e * numel``
 =================  ===================================  ===================================
+
+Every call that blocks on the network (the collectives, the posting of send/receive pairs and
+the ``wait()`` of their works) runs inside :func:`dsp.comm.log.timed`, so a ``comm_log()``
+block also sees how long this rank waited for communication (``CommLog.wait_s``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from dsp.comm.log import record
+from dsp.comm.log import record, timed
 from dsp.mesh import group_info
 
 __all__ = [
@@ -55,13 +59,15 @@ def _a2a(
     e = send.element_size()
     out = torch.empty(sum(recv_splits), dtype=send.dtype, device=send.device)
     out_b = out.view(torch.uint8) if out.dtype != torch.uint8 else out
-    dist.all_to_all_single(
-        out_b,
-        _bytes(send),
-        output_split_sizes=[s * e for s in recv_splits],
-        input_split_sizes=[s * e for s in send_splits],
-        group=group,
-    )
+    send_b = _bytes(send)
+    with timed():
+        dist.all_to_all_single(
+            out_b,
+            send_b,
+            output_split_sizes=[s * e for s in recv_splits],
+            input_split_sizes=[s * e for s in send_splits],
+            group=group,
+        )
     return out
 
 
@@ -120,15 +126,18 @@ def all_gather(
     x_b = _bytes(x)
     if all(n == n_r for n in numels):
         gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather_single(out_b, x_b, group=group)
+        with timed():
+            gather_single(out_b, x_b, group=group)
     else:
-        dist.all_to_all_single(
-            out_b,
-            x_b.repeat(info.size),
-            output_split_sizes=[n * e for n in numels],
-            input_split_sizes=[n_r * e] * info.size,
-            group=group,
-        )
+        send_b = x_b.repeat(info.size)
+        with timed():
+            dist.all_to_all_single(
+                out_b,
+                send_b,
+                output_split_sizes=[n * e for n in numels],
+                input_split_sizes=[n_r * e] * info.size,
+                group=group,
+            )
     record("all_gather", info.size, e * n_r * (info.size - 1), e * (total - n_r), tag=tag)
     return out
 
@@ -166,7 +175,8 @@ def all_reduce(
     info = group_info(group)
     if info.size == 1:
         return x
-    dist.all_reduce(x, group=group)
+    with timed():
+        dist.all_reduce(x, group=group)
     b = x.numel() * x.element_size() * 2 * (info.size - 1) // info.size
     record("all_reduce", info.size, b, b, tag=tag)
     return x
@@ -184,7 +194,8 @@ def exchange_ints(
         t = t.cuda()
     out = torch.empty(info.size * t.numel(), dtype=torch.int64, device=t.device)
     gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather_single(out, t, group=group)
+    with timed():
+        gather_single(out, t, group=group)
     b = t.numel() * 8
     record("exchange_ints", info.size, b * (info.size - 1), b * (info.size - 1), meta=True, tag=tag)
     return out.view(info.size, -1).tolist()
@@ -198,10 +209,11 @@ def send_recv(
     group: Optional[dist.ProcessGroup] = None,
     *,
     tag: str = "",
-) -> List[dist.Work]:
+) -> List[_TimedWork]:
     """Post one isend to ``dst`` and one irecv from ``src`` (group ranks); returns the works.
 
-    Both are recorded when posted. The caller waits on the returned works.
+    Both are recorded when posted. The caller waits on the returned works; their ``wait()``
+    is timed (:func:`dsp.comm.log.timed`).
     """
     info = group_info(group)
     to_global = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
@@ -209,10 +221,25 @@ def send_recv(
         dist.P2POp(dist.isend, send.contiguous(), to_global(dst), group=group),
         dist.P2POp(dist.irecv, recv, to_global(src), group=group),
     ]
-    works = dist.batch_isend_irecv(ops)
+    with timed():
+        works = dist.batch_isend_irecv(ops)
     e = send.element_size()
     record("send_recv", info.size, e * send.numel(), e * recv.numel(), tag=tag)
-    return works
+    return [_TimedWork(w) for w in works]
+
+
+class _TimedWork:
+    """A posted operation whose ``wait()`` counts as time blocked on communication."""
+
+    def __init__(self, work: dist.Work):
+        self._work = work
+
+    def wait(self, *args, **kwargs):
+        with timed():
+            return self._work.wait(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._work, name)
 
 
 def all_reduce_coalesced(

@@ -10,17 +10,22 @@ Conventions (per rank, in bytes):
 * ``bytes_recv``: payload this rank receives from other ranks.
 * ``meta``: small exchanges that only learn sizes or validate shapes. They are recorded
   but excluded from :attr:`CommLog.bytes_sent` (see :attr:`CommLog.meta_bytes_sent`).
+* ``wait_s``: wall seconds this rank spent blocked inside communication calls (a blocking
+  collective, or the ``wait()`` of a posted send/receive), i.e. communication that no
+  compute hid. On CPU (gloo) a call returns when its data has moved; on CUDA (NCCL) calls
+  return once queued, so there it counts only what blocks the host.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, List
 
 import torch
 
-__all__ = ["CommRecord", "CommLog", "comm_log", "record", "current_phase"]
+__all__ = ["CommRecord", "CommLog", "comm_log", "record", "current_phase", "timed"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class CommLog:
     """Records collected inside a :func:`comm_log` block."""
 
     records: List[CommRecord] = field(default_factory=list)
+    wait_s: float = 0.0  # seconds blocked inside communication calls (exposed communication)
 
     def _payload(self, phase: str | None = None) -> List[CommRecord]:
         return [r for r in self.records if not r.meta and (phase is None or r.phase == phase)]
@@ -75,6 +81,7 @@ class CommLog:
 
     def clear(self) -> None:
         self.records.clear()
+        self.wait_s = 0.0
 
 
 _active: List[CommLog] = []
@@ -119,3 +126,22 @@ def record(
     rec = CommRecord(op, group_size, int(bytes_sent), int(bytes_recv), current_phase(), meta, tag)
     for log in _active:
         log.records.append(rec)
+
+
+@contextlib.contextmanager
+def timed() -> Iterator[None]:
+    """Add the wall time of the block to ``wait_s`` of every open log.
+
+    Wraps every blocking communication call in :mod:`dsp.comm.collectives`; costs one
+    ``perf_counter`` pair, and nothing when no log is open.
+    """
+    if not _active:
+        yield
+        return
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        dt = time.perf_counter() - t0
+        for log in _active:
+            log.wait_s += dt
