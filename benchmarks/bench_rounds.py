@@ -15,7 +15,10 @@ Each world size N > 1 also runs, in the same rounds, a **compute proxy** per siz
 ``none`` on ``ceil(T / N)`` frames on every rank at once (no communication; row field
 ``proxy_for_frames``). It measures what the bench model's own compute achieves under exactly
 the contention the N-rank rows see; ``dsp simulate --from-bench`` takes its compute rate
-from it. Output as ``dsp bench`` (JSON schema of docs/benchmarks.md, markdown, plots) plus
+from it. After its link is set up, each world size N > 1 also measures the achieved rates of
+a ring step and of a pair exchange (``benchmarks/simulate_p2p.py``; ``ring_bytes_per_s``,
+``pair_bytes_per_s`` in ``meta.link.per_world_size``), which price ring attention's steps.
+Output as ``dsp bench`` (JSON schema of docs/benchmarks.md, markdown, plots) plus
 ``meta.rounds``.
 """
 
@@ -68,6 +71,16 @@ def proxies(configs):
     return out  # repr(config) -> (config, the frames it stands for)
 
 
+def p2p_rates(pool, link: dict) -> dict:
+    """Achieved ring-step and pair-exchange rates on ``pool`` (``simulate_p2p``), with a block
+    that takes about 0.2 s at the link's achieved all-to-all rate."""
+    from simulate_p2p import measure_p2p
+
+    rate = link.get("achieved_bytes_per_s") or 1e9
+    nbytes = int(min(64 * 2**20, max(2**20, 0.2 * rate)))
+    return measure_p2p(pool, nbytes)
+
+
 def run(args, rounds: int):
     """Every world size's pool (and link) open at once; each round runs every world size's
     configurations (world sizes and configurations in rotated order), so that the
@@ -87,6 +100,8 @@ def run(args, rounds: int):
             ref = max(group, key=lambda c: (c.strategy != "none", c.frames * c.height * c.width))
             get, links[n] = stack.enter_context(_pools_for(n, args.link, ref, target))
             getters[n] = get
+            if n > 1:
+                links[n].update(p2p_rates(get(n), links[n]))
         for k in range(rounds):
             for n, group in groups[k % len(groups) :] + groups[: k % len(groups)]:
                 order = list(range(len(group)))

@@ -120,3 +120,41 @@ def test_from_bench_takes_compute_from_the_proxy(tmp_path):
     assert rows[1]["compute_rate_from"] == "proxy"
     # DSP's rank computes about what the proxy did (T/N frames), plus its communication
     assert 0.9 * 0.06 < rows[1]["compute_s"] < 1.2 * 0.06
+
+
+def test_a_ring_of_two_pays_the_pair_rate():
+    """Ring attention on 2 ranks (and USP's ring across 2 rows) sends to and receives from one
+    peer: priced at the link's pair efficiency; a ring of 4 distinct peers is not."""
+    from dsp.sim.frombench import bench_cluster
+    from dsp.sim.step import comm_seconds
+    from dsp.sim.volume import transfers
+
+    meta = {
+        "link": {
+            "per_world_size": {
+                "2": {
+                    "emulated": True,
+                    "cpu_flops_per_rank": 5e10,
+                    "configured_bytes_per_s": 8e7,
+                    "achieved_bytes_per_s": 4e7,
+                },
+                "4": {
+                    "emulated": True,
+                    "cpu_flops_per_rank": 5e10,
+                    "configured_bytes_per_s": 4e7,
+                    "achieved_bytes_per_s": 2.8e7,
+                    "ring_bytes_per_s": 3.8e7,
+                    "pair_bytes_per_s": 1.9e7,
+                },
+            }
+        }
+    }
+    two, four = bench_cluster(meta, 2, 1.0), bench_cluster(meta, 4, 1.0)
+    assert two.intra.pair_efficiency == pytest.approx(0.5)  # the 2-rank all-to-all's share
+    assert four.intra.bandwidth == 3.8e7 and four.intra.pair_efficiency == pytest.approx(0.5)
+    ring = comm_seconds(four, "p2p", 1e6, span=4, calls=0, ring=4)
+    pair = comm_seconds(four, "p2p", 1e6, span=4, calls=0, ring=2)
+    assert pair == pytest.approx(2 * ring)
+    usp = Workload(model="stdit-tiny", strategy="usp", sp=4, ulysses_degree=2, frames=8)
+    assert {t.ring for t in transfers(usp) if t.kind == "p2p"} == {2}
+    assert cluster("8xh100-nvlink").intra.pair_efficiency == 1.0  # NCCL links: full duplex

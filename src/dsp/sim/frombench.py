@@ -14,10 +14,17 @@ a link with the run's rates:
 * efficiency: how much of the matmul rate a whole training step achieves, from the run's
   single-process reference (``--single``: FLOPs of one step / its median time / its matmul
   rate); a run without it uses :data:`CPU_EFFICIENCY`;
-* emulated link: bandwidth = the configured tbf rate (what a one-way ring step gets), all-to-all
-  efficiency = achieved / configured (gloo's all-to-all over a slow link is about
-  half-duplex, see :func:`dsp.bench.calibrate.measure_alltoall_bandwidth`);
-* loopback: bandwidth = the measured all-to-all rate for every pattern.
+* emulated link: bandwidth = the achieved rate of a ring step to distinct peers
+  (``ring_bytes_per_s``, measured by ``benchmarks/bench_rounds.py``; else the configured tbf
+  rate, which such a step nearly reaches), all-to-all efficiency = achieved all-to-all rate /
+  bandwidth (gloo's all-to-all over a slow link is about half-duplex, see
+  :func:`dsp.bench.calibrate.measure_alltoall_bandwidth`), pair efficiency (the steps of a
+  ring of two, whose ranks send to and receive from the same peer: ring attention on 2 ranks,
+  USP's ring across 2 rows) = the measured pair-exchange rate (``pair_bytes_per_s``) /
+  bandwidth; a run without it takes the 2-rank all-to-all's achieved / configured rate, the
+  same half-duplex exchange (:func:`pair_efficiency`);
+* loopback: bandwidth = the measured all-to-all rate for every pattern (pair exchanges at
+  their measured rate where the run has it).
 
 Nothing overlaps on CPU ranks (the gradient all-reduce runs after backward).
 """
@@ -33,7 +40,14 @@ from dsp.sim.hardware import Cluster, Gpu, Link
 from dsp.sim.step import simulate
 from dsp.sim.workload import Workload
 
-__all__ = ["CPU_EFFICIENCY", "bench_workload", "bench_cluster", "predict_bench", "comparison"]
+__all__ = [
+    "CPU_EFFICIENCY",
+    "bench_workload",
+    "bench_cluster",
+    "pair_efficiency",
+    "predict_bench",
+    "comparison",
+]
 
 #: Step FLOP/s over 512x512 fp32 matmul FLOP/s, used only for a run without a single-process
 #: reference or compute proxy: a rough middle of what this session's runs measured for the
@@ -101,6 +115,29 @@ def _efficiency(data: dict, stat: str = "median") -> Tuple[float, str]:
     )
 
 
+#: Pair-exchange rate / configured rate on the emulated link when a run measured neither the
+#: pair exchange nor a 2-rank all-to-all (2 ranks, 80 MB/s configured: 35-45 MB/s measured).
+PAIR_EFFICIENCY = 0.5
+
+
+def pair_efficiency(meta: dict, n: int, bandwidth: float) -> float:
+    """The fraction of ``bandwidth`` a pair exchange achieves on world size ``n``'s link: its
+    measured ``pair_bytes_per_s``, else (emulated) the 2-rank link's all-to-all achieved /
+    configured rate (two ranks' all-to-all is that same exchange), else
+    :data:`PAIR_EFFICIENCY`; 1 on loopback without a measurement."""
+    links = _links(meta)
+    link = links.get(n, {})
+    if link.get("pair_bytes_per_s"):
+        return min(1.0, link["pair_bytes_per_s"] / bandwidth)
+    if not link.get("emulated"):
+        return 1.0
+    two = links.get(2, {})
+    got, set_ = two.get("achieved_bytes_per_s"), two.get("configured_bytes_per_s")
+    if two.get("emulated") and got and set_:
+        return min(1.0, got / set_)
+    return PAIR_EFFICIENCY
+
+
 def bench_cluster(meta: dict, n: int, efficiency: float, flops: Optional[float] = None) -> Cluster:
     """The benchmark machine as an ``n``-rank :class:`Cluster` (see the module doc)."""
     links = _links(meta)
@@ -119,9 +156,18 @@ def bench_cluster(meta: dict, n: int, efficiency: float, flops: Optional[float] 
         )
     gpu = Gpu("cpu", flops, efficiency, float("inf"), "measured by dsp bench")
     achieved = link.get("achieved_bytes_per_s") or 1e12
-    configured = link.get("configured_bytes_per_s") if link.get("emulated") else None
-    bw = configured or achieved
-    wire = Link("bench", bw, _CPU_LATENCY, min(1.0, achieved / bw), link.get("description", ""))
+    one_way = None
+    if link.get("emulated"):
+        one_way = link.get("ring_bytes_per_s") or link.get("configured_bytes_per_s")
+    bw = one_way or achieved
+    wire = Link(
+        "bench",
+        bw,
+        _CPU_LATENCY,
+        min(1.0, achieved / bw),
+        link.get("description", ""),
+        pair_efficiency(meta, n, bw),
+    )
     return Cluster(n, 1, gpu, wire, wire, f"bench N={n}")
 
 

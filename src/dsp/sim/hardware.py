@@ -59,6 +59,11 @@ class Link:
         a2a_efficiency: the fraction of ``bandwidth`` an all-to-all (and all-gather /
             reduce-scatter) achieves; point-to-point ring steps get the full bandwidth.
         source: where the numbers come from.
+        pair_efficiency: the fraction of ``bandwidth`` a ring step achieves when a rank sends
+            to and receives from the same peer (a ring of two: ring attention on 2 ranks,
+            USP's ring across 2 rows). 1 on full-duplex links (NVLink, InfiniBand with NCCL);
+            about 0.5 on the emulated CPU link, where gloo's exchange between two ranks is
+            half-duplex (``benchmarks/simulate_p2p.py`` measures it).
     """
 
     name: str
@@ -66,6 +71,7 @@ class Link:
     latency: float
     a2a_efficiency: float
     source: str
+    pair_efficiency: float = 1.0
 
 
 #: Named GPU types. MFU 0.40 is an assumption (the issue's "~40% of peak" for STDiT-XL/2

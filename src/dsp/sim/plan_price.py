@@ -50,7 +50,8 @@ def link_price(cluster: Cluster, world_size: int, *, itemsize_scale: float = 1.0
         for nbytes, calls in zip((fwd, bwd), _calls(act, n)):
             if nbytes:
                 per_rank = itemsize_scale * nbytes / n
-                total += comm_seconds(cluster, kind, per_rank, span=n, calls=calls)
+                ring = n if kind == "p2p" else 0
+                total += comm_seconds(cluster, kind, per_rank, span=n, calls=calls, ring=ring)
         return total
 
     return price

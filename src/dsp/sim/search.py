@@ -79,7 +79,9 @@ def _ring_across(w: Workload, a: int, inter: str) -> List[Transfer]:
     for phase in ("forward", "backward"):
         out.append(Transfer("a2a", phase, sw, calls, a, "switch (intra)"))
         ring_calls = rings * ((b - 1) if phase == "forward" else (2 * b - 1))
-        out.append(Transfer("p2p", phase, rings * rb[phase], ring_calls, w.sp, "ring (inter)"))
+        out.append(
+            Transfer("p2p", phase, rings * rb[phase], ring_calls, w.sp, "ring (inter)", ring=b)
+        )
     return out
 
 

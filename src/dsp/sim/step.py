@@ -6,7 +6,9 @@ Time model (documented in docs/simulate.md):
   FLOP/s;
 * each transfer: ``calls x latency + bytes / (bandwidth x efficiency)`` on the link its group
   needs (:meth:`Cluster.link_for`), efficiency = the link's all-to-all efficiency for
-  all-to-all, all-gather and reduce-scatter, 1 for point-to-point and ring all-reduce;
+  all-to-all, all-gather and reduce-scatter, its pair efficiency for the steps of a ring of
+  two (each rank sends to and receives from the same peer), 1 for other point-to-point ring
+  steps and ring all-reduce;
 * the strategies' transfers are exposed (they sit between the modules that need them);
   gradient / parameter traffic overlaps the backward compute when ``overlap_dp`` (DDP buckets,
   ZeRO, FSDP prefetch), so only what exceeds the backward is exposed;
@@ -35,15 +37,23 @@ def transfer_time(t: Transfer, cluster: Cluster) -> float:
     if t.bytes == 0:
         return 0.0
     link = cluster.link_for(t.span)
-    eff = link.a2a_efficiency if t.kind in _A2A else 1.0
+    if t.kind in _A2A:
+        eff = link.a2a_efficiency
+    elif t.kind == "p2p" and t.ring == 2:
+        eff = link.pair_efficiency
+    else:
+        eff = 1.0
     return t.calls * link.latency + t.bytes / (link.bandwidth * eff)
 
 
-def comm_seconds(cluster: Cluster, kind: str, nbytes: float, *, span: int, calls: int = 1) -> float:
+def comm_seconds(
+    cluster: Cluster, kind: str, nbytes: float, *, span: int, calls: int = 1, ring: int = 0
+) -> float:
     """Seconds to send ``nbytes`` per rank in ``calls`` collectives of ``kind`` (``"a2a"``,
     ``"all_gather"``, ``"reduce_scatter"``, ``"p2p"``, ``"allreduce"``) over ``span``
-    consecutive ranks: the hook a byte-counting planner calls to rank its choices by time."""
-    return transfer_time(Transfer(kind, "forward", nbytes, calls, span, ""), cluster)
+    consecutive ranks (``ring``: members of a ``p2p`` ring): the hook a byte-counting planner
+    calls to rank its choices by time."""
+    return transfer_time(Transfer(kind, "forward", nbytes, calls, span, "", ring), cluster)
 
 
 def compute_seconds(cluster: Cluster, flops: float) -> float:

@@ -14,6 +14,7 @@ included: the blocks' forward transfers appear again in the ``backward`` phase.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import List
 
@@ -33,7 +34,8 @@ __all__ = ["Transfer", "transfers", "sp_bytes"]
 
 @dataclass(frozen=True)
 class Transfer:
-    """``bytes`` sent by one rank in ``calls`` collectives of kind ``kind`` over ``span`` ranks."""
+    """``bytes`` sent by one rank in ``calls`` collectives of kind ``kind`` over ``span`` ranks
+    (``ring``: for ``p2p``, the number of members of the ring the steps go around)."""
 
     kind: str
     phase: str  # "forward" | "backward" | "sync"
@@ -41,6 +43,7 @@ class Transfer:
     calls: int
     span: int
     what: str
+    ring: int = 0
 
 
 def _x(w: Workload, r: int) -> Shape:
@@ -73,8 +76,9 @@ def _sp_transfers(w: Workload, r: int) -> List[Transfer]:
             out.append(Transfer("a2a", phase, regions * b, 2 * regions, n, "ag+rs"))
     elif s == "ring":
         rb = ring_bytes(shard_sizes(w.T, n), r, w.batch * w.S, m.H, m.D, w.elem)
-        out.append(Transfer("p2p", "forward", n_t * rb["forward"], n_t * (n - 1), n, "ring"))
-        out.append(Transfer("p2p", "backward", n_t * rb["backward"], n_t * (2 * n - 1), n, "ring"))
+        fwd, bwd = n_t * rb["forward"], n_t * rb["backward"]
+        out.append(Transfer("p2p", "forward", fwd, n_t * (n - 1), n, "ring", ring=n))
+        out.append(Transfer("p2p", "backward", bwd, n_t * (2 * n - 1), n, "ring", ring=n))
     elif s == "usp":
         u = w.u
         if n % u:
@@ -97,7 +101,9 @@ def _sp_transfers(w: Workload, r: int) -> List[Transfer]:
             out.append(Transfer("a2a", phase, n_t * a2a[phase], 4 * n_t, u, "ulysses rows"))
             if rows > 1:
                 out.append(
-                    Transfer("p2p", phase, n_t * ring[phase], n_t * calls[phase], n, "usp ring")
+                    Transfer(
+                        "p2p", phase, n_t * ring[phase], n_t * calls[phase], n, "usp ring", rows
+                    )
                 )
     else:
         raise ValueError(f"dsp simulate: no byte formula for strategy {s!r}")
@@ -114,7 +120,7 @@ def transfers(w: Workload, r: int = 0) -> List[Transfer]:
     out = list(sp)
     if w.activation_checkpointing:  # the blocks' forward again, inside backward
         out += [
-            Transfer(t.kind, "backward", t.bytes, t.calls, t.span, t.what + " (recompute)")
+            dataclasses.replace(t, phase="backward", what=t.what + " (recompute)")
             for t in sp
             if t.phase == "forward" and t.what != "exit gather"
         ]
