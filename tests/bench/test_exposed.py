@@ -37,6 +37,7 @@ def test_collectives_and_ring_waits_are_timed(pools, n):
         assert a2a > 0 and ring > 0 and sent > 0
 
 
+ONE = {"qkv_one_all_to_all": True}
 TINY = dict(model="stdit-tiny", frames=4, height=8, width=8, depth=1, warmup=1, repeats=2)
 
 
@@ -87,3 +88,19 @@ def test_report_splits_compute_exposed_hidden_and_plots(tmp_path):
     full = [dict(r, samples_per_s=1.0, tokens_per_s=1.0, patches=16) for r in rows]
     paths = plot(full, str(tmp_path), meta=meta)
     assert any(p.endswith("comm.png") for p in paths)
+
+
+@pytest.mark.parametrize("choice,want", [("three", [{}]), ("one", [ONE]), ("both", [{}, ONE])])
+def test_ulysses_qkv_flag_adds_rows_and_reports_name_them(choice, want):
+    from dsp.bench.report import label
+    from dsp.cli.bench import configs_from_args
+    from dsp.cli.main import build_parser
+
+    args = build_parser().parse_args(
+        ["bench", "--strategy", "dsp,ulysses", "--world-size", "2", "--ulysses-qkv", choice]
+    )
+    configs = configs_from_args(args)
+    assert [c.options for c in configs if c.strategy == "ulysses"] == want
+    assert [c.options for c in configs if c.strategy == "dsp"] == [{}]
+    names = {label({"strategy": c.strategy, "options": c.options}) for c in configs}
+    assert ("ulysses (qkv in one)" in names) == (choice != "three")

@@ -16,6 +16,7 @@ import dsp
 
 __all__ = [
     "comm_split",
+    "label",
     "environment",
     "markdown",
     "plot",
@@ -50,6 +51,13 @@ def environment() -> dict:
     }
 
 
+def label(r: dict) -> str:
+    """A result's strategy as reports name it: options that change how it communicates
+    are part of the name (``ulysses (qkv in one)``)."""
+    one = (r.get("options") or {}).get("qkv_one_all_to_all")
+    return r["strategy"] + (" (qkv in one)" if one else "")
+
+
 def write_json(path: str, meta: dict, results: List[dict]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -72,7 +80,7 @@ def speedups(results: List[dict], base: str = "dsp") -> List[dict]:
                 out.append(
                     {
                         **{k: r[k] for k in key},
-                        "baseline": o["strategy"],
+                        "baseline": label(o),
                         "speedup": r["samples_per_s"] / o["samples_per_s"],
                         "bytes_ratio": (r["bytes_sent_forward"] + r["bytes_sent_backward"])
                         / max(1, o["bytes_sent_forward"] + o["bytes_sent_backward"]),
@@ -104,7 +112,7 @@ def comm_split(meta: dict, results: List[dict]) -> List[dict]:
         step, exposed = st["median"], min(ex["median"], st["median"])
         out.append(
             {
-                "strategy": r["strategy"],
+                "strategy": label(r),
                 "world_size": r["world_size"],
                 "frames": r["frames"],
                 "height": r["height"],
@@ -224,7 +232,7 @@ def markdown(meta: dict, results: List[dict], title: str = "dsp bench") -> str:
         st = r["step_time_s"]
         step = f"{st['median']:.3f} ({st['min']:.3f}-{st['max']:.3f})" if st else "-"
         lines.append(
-            f"| {r['model']} | {r['strategy']} | {r['world_size']} | "
+            f"| {r['model']} | {label(r)} | {r['world_size']} | "
             f"{r['frames']}x{r['height']}x{r['width']} | {r['batch']} | {r['mode']} | {step} | "
             f"{r['samples_per_s'] or 0:.3f} | {r['tokens_per_s'] or 0:.0f} | "
             f"{_kib(r['bytes_sent_forward'])} | {_kib(r['bytes_sent_backward'])} | "
@@ -312,7 +320,7 @@ def _vs_single_lines(results: List[dict]) -> List[str]:
     out.append("|---|---|---|---|")
     for r, x in rows:
         out.append(
-            f"| {r['world_size']} | {r['frames']}x{r['height']}x{r['width']} | {r['strategy']} | "
+            f"| {r['world_size']} | {r['frames']}x{r['height']}x{r['width']} | {label(r)} | "
             f"{x:.2f}x |"
         )
     return out
@@ -336,7 +344,7 @@ def plot(
         return []
     os.makedirs(out_dir, exist_ok=True)
     ok = [r for r in results if r["samples_per_s"]]
-    strategies = sorted({r["strategy"] for r in ok})
+    strategies = sorted({label(r) for r in ok})
     sizes = sorted({r["world_size"] for r in ok})
     paths = []
 
@@ -348,7 +356,7 @@ def plot(
             pts = sorted(
                 (r["frames"] * r["patches"], r["tokens_per_s"])
                 for r in ok
-                if r["strategy"] == s and r["world_size"] == n
+                if label(r) == s and r["world_size"] == n
             )
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=s)
@@ -366,7 +374,7 @@ def plot(
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    labels = [f"{r['strategy']}\nN={r['world_size']}\nT={r['frames']}" for r in ok]
+    labels = [f"{label(r)}\nN={r['world_size']}\nT={r['frames']}" for r in ok]
     fwd = [r["bytes_sent_forward"] / 2**20 for r in ok]
     bwd = [r["bytes_sent_backward"] / 2**20 for r in ok]
     ax.bar(range(len(ok)), fwd, label="forward")

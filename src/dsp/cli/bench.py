@@ -59,6 +59,13 @@ def add_parser(sub) -> None:
     p.add_argument("--heads", type=int, default=None, help="override the number of heads")
     p.add_argument("--ulysses-degree", type=int, default=None, help="usp: Ulysses degree")
     p.add_argument(
+        "--ulysses-qkv",
+        choices=["three", "one", "both"],
+        default="three",
+        help="ulysses/usp: q, k, v in three all-to-alls (DeepSpeed's, the default), in one "
+        "(same bytes), or both (one row each)",
+    )
+    p.add_argument(
         "--no-grad-sync",
         action="store_true",
         help="train: skip the gradient all-reduce after backward (the same for every "
@@ -126,6 +133,18 @@ def configs_from_args(args):
             if c.strategy == "usp"
             else c
             for c in configs
+        ]
+    if args.ulysses_qkv != "three":
+        one = [{"qkv_one_all_to_all": True}]
+        configs = [
+            d
+            for c in configs
+            for d in (
+                ([c] if args.ulysses_qkv == "both" else [])
+                + [expand(c, options=[{**c.options, **one[0]}])[0]]
+                if c.strategy in ("ulysses", "usp")
+                else [c]
+            )
         ]
     if args.single:
         configs += expand(
