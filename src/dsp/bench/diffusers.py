@@ -19,25 +19,12 @@ from typing import Any, Callable, Dict, Tuple
 import torch
 from torch import nn
 
-__all__ = ["PREFIX", "is_diffusers", "setup", "tiny_name"]
+from dsp.integrations.diffusers.tiny import PREFIX, is_prefixed, unprefixed
 
-PREFIX = "diffusers:"
+__all__ = ["PREFIX", "is_diffusers", "model_config", "setup", "tiny_name"]
 
-
-def is_diffusers(model: str) -> bool:
-    """Whether a bench/train model name is a diffusers model (``diffusers:NAME``)."""
-    return model.startswith(PREFIX)
-
-
-def tiny_name(model: str) -> str:
-    """``diffusers:latte`` -> ``latte``; a clear error for a name :data:`TINY` lacks."""
-    from dsp.integrations.diffusers.tiny import TINY
-
-    name = model[len(PREFIX) :]
-    if name not in TINY:
-        known = ", ".join(PREFIX + n for n in TINY)
-        raise ValueError(f"unknown diffusers model {model!r}; known: {known}")
-    return name
+is_diffusers = is_prefixed  # "diffusers:NAME"
+tiny_name = unprefixed  # "diffusers:latte" -> "latte"
 
 
 def model_config(name: str, depth=None, hidden=None, heads=None) -> Dict[str, Any]:

@@ -11,8 +11,9 @@ for one call of it (seeded), as the tests, ``dsp bench --model diffusers:NAME`` 
 Sizes are of the latent video ``(B, C, F, H, W)`` (before patchify; 2 x 2 patches). Options
 of every builder: ``dtype``, ``batch``, ``frames``, ``height``, ``width``, ``text_len``
 (caption tokens), ``config`` (overrides of the model's constructor arguments, e.g.
-``{"num_layers": 4}``). To add a model: one function with these options returning a
-:class:`Tiny`, and its entry in :data:`TINY`.
+``{"num_layers": 4}``) and ``seed`` (of the weights; the inputs' seed is fixed). To add a
+model: one function with these options returning a :class:`Tiny`, and its entry in
+:data:`TINY`.
 
 diffusers is imported when a builder runs, not when this module is imported.
 """
@@ -24,7 +25,7 @@ from typing import Any, Callable, Dict, NamedTuple, Optional
 import torch
 from torch import nn
 
-__all__ = ["TINY", "Tiny", "build", "vae"]
+__all__ = ["PREFIX", "TINY", "Tiny", "build", "is_prefixed", "unprefixed", "vae"]
 
 
 class Tiny(NamedTuple):
@@ -43,10 +44,10 @@ def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def _inputs(batch, channels, frames, height, width, text_len, text_dim, dtype):
     """Latents, caption embeddings and timesteps (``[3, 500]`` for a batch of 2)."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, channels, frames, height, width, generator=g, dtype=dtype)
-    text = torch.randn(batch, text_len, text_dim, generator=g, dtype=dtype)
-    timestep = torch.linspace(3, 500, batch).long() if batch > 1 else torch.tensor([3])
+    g, cpu = torch.Generator().manual_seed(1), torch.device("cpu")  # also under a meta default
+    x = torch.randn(batch, channels, frames, height, width, generator=g, dtype=dtype, device=cpu)
+    text = torch.randn(batch, text_len, text_dim, generator=g, dtype=dtype, device=cpu)
+    timestep = torch.linspace(3, 500, batch, device=cpu).long() if batch > 1 else torch.tensor([3])
     return x, text, timestep
 
 
@@ -59,6 +60,7 @@ def latte(
     width: int = 6,
     text_len: int = 7,
     config: Optional[Dict[str, Any]] = None,
+    seed: int = 0,
 ) -> Tiny:
     """``LatteTransformer3DModel``: 2 spatial + 2 temporal blocks, 2 heads of 8, text of 16."""
     from diffusers import LatteTransformer3DModel
@@ -76,7 +78,7 @@ def latte(
         cross_attention_dim=16,
     )
     kw.update(config or {})
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = _cast(LatteTransformer3DModel(**kw), dtype)
     x, text, t = _inputs(batch, kw["in_channels"], frames, height, width, text_len,
                          kw["caption_channels"], dtype)  # fmt: skip
@@ -92,6 +94,7 @@ def wan(
     width: int = 6,
     text_len: int = 7,
     config: Optional[Dict[str, Any]] = None,
+    seed: int = 0,
 ) -> Tiny:
     """``WanTransformer3DModel``: 2 blocks, 3 heads of 8, patches 1 x 2 x 2, text of 16."""
     from diffusers import WanTransformer3DModel
@@ -110,7 +113,7 @@ def wan(
         rope_max_seq_len=max(32, frames, height, width),
     )
     kw.update(config or {})
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = _cast(WanTransformer3DModel(**kw), dtype)
     x, text, t = _inputs(batch, kw["in_channels"], frames, height, width, text_len,
                          kw["text_dim"], dtype)  # fmt: skip
@@ -126,6 +129,7 @@ def animatediff(
     width: int = 6,
     text_len: int = 7,
     config: Optional[Dict[str, Any]] = None,
+    seed: int = 0,
 ) -> Tiny:
     """``UNetMotionModel``: 2 resolutions (8, 16 channels), motion modules of 2 heads; the
     text repeated per frame ``(B*F, L, 16)``, as ``AnimateDiffPipeline`` passes it."""
@@ -145,7 +149,7 @@ def animatediff(
         motion_max_seq_length=max(8, frames),
     )
     kw.update(config or {})
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = _cast(UNetMotionModel(**kw), dtype)
     x, text, t = _inputs(batch, kw["in_channels"], frames, height, width, text_len,
                          kw["cross_attention_dim"], dtype)  # fmt: skip
@@ -157,11 +161,29 @@ def animatediff(
 TINY: Dict[str, Callable[..., Tiny]] = {"latte": latte, "wan": wan, "animatediff": animatediff}
 
 
+#: How the command line names them: ``diffusers:latte`` (dsp bench, dsp train).
+PREFIX = "diffusers:"
+
+
 def build(name: str, **options) -> Tiny:
     """``TINY[name](**options)``, with the known names in the error of an unknown one."""
     if name not in TINY:
         raise KeyError(f"no tiny diffusers model {name!r}; choose one of {', '.join(TINY)}")
     return TINY[name](**options)
+
+
+def is_prefixed(model: str) -> bool:
+    """Whether a command-line model name is a diffusers model (``diffusers:NAME``)."""
+    return model.startswith(PREFIX)
+
+
+def unprefixed(model: str) -> str:
+    """``diffusers:latte`` -> ``latte``; a ValueError naming the known ones otherwise."""
+    name = model[len(PREFIX) :] if is_prefixed(model) else model
+    if name not in TINY:
+        known = ", ".join(PREFIX + n for n in TINY)
+        raise ValueError(f"unknown diffusers model {model!r}; known: {known}")
+    return name
 
 
 def vae(dtype: torch.dtype = torch.float64) -> nn.Module:
