@@ -43,7 +43,13 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="stdit-tiny", help="dsp.models name (default stdit-tiny)")
+    g.add_argument(
+        "--model",
+        default="stdit-tiny",
+        help="dsp.models name (default stdit-tiny), or diffusers:latte (diffusers' "
+        "LatteTransformer3DModel, unchanged, tiny random config; --set overrides its "
+        "constructor arguments)",
+    )
     g.add_argument(
         "--set",
         dest="overrides",

@@ -175,6 +175,10 @@ def build_video_model(config: Dict[str, Any]) -> nn.Module:
     """The model of a training config (a :class:`TrainConfig` dict or checkpoint meta)."""
     from dsp.models import build_model
 
+    if config["model"].startswith("diffusers:"):  # diffusers' own model (dsp.train.diffusers)
+        from dsp.train.diffusers import build_diffusers_model
+
+        return build_diffusers_model(config)
     overrides = dict(config.get("model_overrides") or {})
     overrides.setdefault("in_channels", PatchCodec.channels)
     overrides.setdefault("learn_sigma", False)
@@ -248,7 +252,10 @@ def train(
 
         first = make_batch(range(1), data, codec, text)  # the shapes the planner plans for
         example = meta_like(first.x0, model_time(first.t), first.y)
-        get_strategy(cfg.strategy, sp_group, plan=cfg.plan).apply(model, example)
+        if hasattr(model, "parallelize"):  # a diffusers model: its declarations, by class
+            model.parallelize(sp_group, cfg.strategy, plan=cfg.plan, example_inputs=example)
+        else:
+            get_strategy(cfg.strategy, sp_group, plan=cfg.plan).apply(model, example)
     # 3. activation checkpointing, 4. data parallelism (DDP / FSDP2 / manual)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
