@@ -75,3 +75,12 @@ def test_many_tensors_one_copy_each_side():
     with _Written() as w:
         ys = _unpack(recv, shapes, 1, [shard_sizes(6, 2)] * 3, 2)
     assert w.bytes == _bytes(recv) and all(list(y.shape) == s for y, s in zip(ys, shapes))
+
+
+@pytest.mark.parametrize("h", [5, 6])  # uneven blocks (one copy per block), alike (one per tensor)
+def test_many_tensors_even_and_uneven_write_each_byte_once(h):
+    xs = [torch.randn(2, 6, h, 4) for _ in range(3)]
+    with _Written() as w:
+        send, splits = _pack(xs, 2, [shard_sizes(h, 3)] * 3, 3)
+    assert w.bytes == sum(_bytes(x) for x in xs) == _bytes(send)
+    assert splits == [3 * 2 * 6 * s * 4 for s in shard_sizes(h, 3)]

@@ -120,12 +120,19 @@ def _block_shape(shape: Sequence[int], dims: Sequence[int], lengths: Sequence[in
     return out
 
 
+def _even(shape, xs, sizes) -> bool:
+    """Whether every tensor has ``shape`` and one split size (all blocks alike)."""
+    same = all(tuple(x if isinstance(x, (list, tuple)) else x.shape) == tuple(shape) for x in xs)
+    return same and all(len(set(sz)) == 1 for sz in sizes) and len({sz[0] for sz in sizes}) == 1
+
+
 def _pack(
     xs: Sequence[torch.Tensor], dst: int, dst_sizes: Sequence[Sequence[int]], n: int
 ) -> Tuple[torch.Tensor, List[int]]:
     """The send buffer of a switch: for each rank ``j``, every tensor's block ``j`` of ``dst``.
 
-    Blocks keep the tensor's own dim order (``x.narrow(dst, ...)``). One copy; none when a
+    Blocks keep the tensor's own dim order (``x.narrow(dst, ...)``). One copy (one strided
+    copy per tensor when all blocks are alike, else one per block); none when a
     single contiguous tensor has only length-1 dims before ``dst`` (its blocks then follow
     each other in memory already, and the tensor itself is the send buffer).
     """
@@ -133,6 +140,14 @@ def _pack(
         x = xs[0]
         inner = math.prod(_block_shape(x.shape, [dst], [1]))  # elements per dst row
         return x.reshape(-1), [d * inner for d in dst_sizes[0]]
+    if _even(xs[0].shape, xs, dst_sizes):  # one strided copy per tensor into (N, T, *block)
+        d = dst_sizes[0][0]
+        block = _block_shape(xs[0].shape, [dst], [d])
+        send = torch.empty(n * len(xs) * math.prod(block), dtype=xs[0].dtype, device=xs[0].device)
+        view = send.view(n, len(xs), *block)
+        for t, x in enumerate(xs):  # (..., N * d, ...) -> (N, ..., d, ...)
+            view[:, t].copy_(x.unflatten(dst, (n, d)).movedim(dst, 0))
+        return send, [len(xs) * math.prod(block)] * n
     offs = [[0, *itertools.accumulate(sz)] for sz in dst_sizes]
     blocks = [
         [_block_shape(x.shape, [dst], [dst_sizes[t][j]]) for j in range(n)]
@@ -160,12 +175,18 @@ def _unpack(
 ) -> List[torch.Tensor]:
     """Outputs of a switch from its receive buffer (rank order, tensor order within a rank).
 
-    Output ``t`` concatenates along ``src`` the blocks every rank sent of it: one copy
-    (``torch.cat``); none for a single tensor with only length-1 dims before ``src`` (the
-    blocks then are the output's memory in order, and the output is a view of ``recv``).
+    Output ``t`` concatenates along ``src`` the blocks every rank sent of it: one copy (one
+    strided copy per tensor when all blocks are alike, else ``torch.cat``); none for a single
+    tensor with only length-1 dims before ``src`` (the blocks then are the output's memory in
+    order, and the output is a view of ``recv``).
     """
     if len(shapes) == 1 and math.prod(shapes[0][:src]) == 1:
         return [recv.view(list(shapes[0]))]
+    if _even(shapes[0], shapes, src_sizes):  # one strided copy per tensor from (N, T, *block)
+        block = _block_shape(shapes[0], [src], [src_sizes[0][0]])
+        view = recv.view(n, len(shapes), *block)
+        # (N, ..., s, ...) -> (..., N, s, ...) -> (..., N * s, ...): a copy (the dims moved)
+        return [view[:, t].movedim(0, src).reshape(list(shapes[0])) for t in range(len(shapes))]
     parts: List[List[torch.Tensor]] = [[] for _ in shapes]
     pos = 0
     for i in range(n):
