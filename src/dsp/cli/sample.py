@@ -5,10 +5,21 @@ unconditional passes run on two halves of the ranks at once (one all-gather per 
 them); each half shards its pass with DSP. Writes the video (GIF or MP4) and prints a
 latency table; the video equals single-process sampling (fp32).
 
+With --diffusers PATH it runs a saved diffusers pipeline instead (a local directory, as
+pipe.save_pretrained writes it; its transformer or unet one of the classes dsp declares:
+LatteTransformer3DModel, WanTransformer3DModel, UNetMotionModel): every rank runs the
+pipeline with its denoiser under dsp.integrations.diffusers.parallelize (--cfg-parallel:
+the unconditional and conditional halves of each call on two halves of the ranks), and
+rank 0 writes the frames. The text is --prompt (the pipeline's text encoder) or
+--prompt-embeds FILE.pt (torch.save of a (B, L, C) tensor, or of a dict of pipeline inputs;
+with --negative-prompt-embeds FILE.pt for classifier-free guidance without a text encoder).
+
 Examples:
   dsp sample --checkpoint ckpt --steps 10 --cfg-scale 4 --out video.gif
   dsp sample --checkpoint ckpt --world-size 4 --cfg-parallel --out video.gif   # 2 x sp 2
   torchrun --nproc-per-node 4 --no-python dsp sample --checkpoint ckpt --cfg-parallel
+  dsp sample --diffusers path/to/latte --world-size 2 --prompt-embeds emb.pt \
+      --negative-prompt-embeds neg.pt --frames 16 --steps 25 --out latte.gif
 """
 
 from __future__ import annotations
@@ -37,8 +48,18 @@ def add_parser(sub) -> None:
         default=None,
         help="'<colour> <shape> <motion>', repeatable (default 'red circle left')",
     )
-    p.add_argument("--steps", type=int, default=10, help="Euler steps (default 10)")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale (default 4)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="Euler steps (default 10; --diffusers: the pipeline's num_inference_steps)",
+    )
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=None,
+        help="guidance scale (default 4; --diffusers: the pipeline's guidance_scale)",
+    )
     p.add_argument("--cfg-parallel", action="store_true", help="cond and uncond on two halves")
     p.add_argument("--world-size", type=int, default=None, help="local ranks to spawn")
     p.add_argument("--strategy", default="dsp", help="sequence parallelism (default dsp)")
@@ -61,6 +82,29 @@ def add_parser(sub) -> None:
     p.add_argument("--scale", type=int, default=None, help="pixel upscaling (default: to 128 px)")
     p.add_argument("--save-tensor", default=None, help="also save latents and video (torch.save)")
     p.add_argument("--json", default=None, help="write the latency table as JSON")
+    g = p.add_argument_group("diffusers pipelines (--diffusers PATH)")
+    g.add_argument("--diffusers", metavar="PATH", default=None, help="a saved pipeline directory")
+    g.add_argument(
+        "--prompt-embeds", metavar="FILE", default=None, help="torch.save'd prompt embeddings"
+    )
+    g.add_argument(
+        "--negative-prompt-embeds", metavar="FILE", default=None, help="and negative ones"
+    )
+    g.add_argument("--frames", type=int, default=None, help="frames (default: the pipeline's)")
+    g.add_argument("--height", type=int, default=None, help="pixels (default: the pipeline's)")
+    g.add_argument("--width", type=int, default=None, help="pixels (default: the pipeline's)")
+    g.add_argument(
+        "--dtype",
+        choices=("float32", "float64", "float16", "bfloat16"),
+        default="float32",
+        help="torch_dtype of from_pretrained (default float32)",
+    )
+    g.add_argument(
+        "--output-type",
+        choices=("pt", "latent"),
+        default="pt",
+        help="pt: decoded frames, written to --out; latent: latents only (--save-tensor)",
+    )
     add_job_flags(p, timeout=300, what="sampling")
     p.set_defaults(func=run)
 
@@ -74,16 +118,21 @@ def _sample_rank(cfg):
 def run(args) -> int:
     from dsp.data import parse_prompt
     from dsp.sample import SampleConfig
-    from dsp.watchdog import check_local_world
 
     apply_timeout(args)
     set_threads(args.threads)
+    if args.diffusers:
+        return run_diffusers(args)
+    given = [f for f in DIFFUSERS_FLAGS if getattr(args, f) not in (None, "float32", "pt")]
+    if given:
+        flags = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise ValueError(f"{flags}: for --diffusers PATH only")
     cfg = SampleConfig(
         checkpoint=args.checkpoint,
         model=args.model,
         prompts=args.prompt or ["red circle left"],
-        steps=args.steps,
-        cfg_scale=args.cfg_scale,
+        steps=args.steps or 10,
+        cfg_scale=4.0 if args.cfg_scale is None else args.cfg_scale,
         cfg_parallel=args.cfg_parallel,
         strategy=args.strategy,
         plan=args.plan,
@@ -93,17 +142,7 @@ def run(args) -> int:
     )
     for prompt in cfg.prompts:
         parse_prompt(prompt)  # fail before starting any rank
-    if under_torchrun():
-        world = int(os.environ["WORLD_SIZE"])
-        if args.world_size is not None and args.world_size != world:
-            raise ValueError(f"--world-size {args.world_size} but torchrun started {world}")
-    else:
-        world = args.world_size or (2 if args.cfg_parallel else 1)
-        check_local_world(world, force=args.force)
-        if args.cfg_parallel and world % 2:
-            raise ValueError(
-                f"--cfg-parallel needs an even --world-size (cond and uncond halves), got {world}"
-            )
+    world = _world(args)
     check_sizes(cfg, world)
     try:
         result = run_job(_sample_rank, cfg, world, args)
@@ -113,6 +152,113 @@ def run(args) -> int:
         return 0
     report(result, args)
     return 0
+
+
+DIFFUSERS_FLAGS = (
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "frames",
+    "height",
+    "width",
+    "dtype",
+    "output_type",
+)
+
+
+def _sample_diffusers_rank(cfg):
+    from dsp.sample.diffusers import sample_diffusers
+
+    return sample_diffusers(cfg)
+
+
+def _world(args) -> int:
+    """Ranks: torchrun's, else ``--world-size`` (checked against the machine)."""
+    from dsp.watchdog import check_local_world
+
+    if under_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if args.world_size is not None and args.world_size != world:
+            raise ValueError(f"--world-size {args.world_size} but torchrun started {world}")
+        return world
+    world = args.world_size or (2 if args.cfg_parallel else 1)
+    check_local_world(world, force=args.force)
+    if args.cfg_parallel and world % 2:
+        raise ValueError(
+            f"--cfg-parallel needs an even --world-size (cond and uncond halves), got {world}"
+        )
+    return world
+
+
+def run_diffusers(args) -> int:
+    """``dsp sample --diffusers PATH``: check the directory and flags, run the pipeline on
+    the ranks, write rank 0's frames."""
+    from dsp.sample.diffusers import DiffusersSampleConfig, check_pipeline
+
+    if args.checkpoint:
+        raise ValueError("--checkpoint and --diffusers: give one (a dsp checkpoint or a pipeline)")
+    cfg = DiffusersSampleConfig(
+        path=args.diffusers,
+        prompts=args.prompt,
+        prompt_embeds=args.prompt_embeds,
+        negative_prompt_embeds=args.negative_prompt_embeds,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        guidance_scale=args.cfg_scale,
+        seed=args.seed,
+        strategy=args.strategy,
+        cfg_parallel=args.cfg_parallel,
+        dtype=args.dtype,
+        output_type=args.output_type,
+        device=args.device,
+    )
+    check_pipeline(cfg)
+    for file in (cfg.prompt_embeds, cfg.negative_prompt_embeds):
+        if file is not None and not Path(file).is_file():
+            raise FileNotFoundError(f"{file}: no such file (a torch.save'd tensor or dict)")
+    world = _world(args)
+    try:
+        result = run_job(_sample_diffusers_rank, cfg, world, args)
+    except KeyboardInterrupt:
+        raise CommandError("interrupted; nothing was written", 130) from None
+    if result is None:
+        return 0
+    report_diffusers(result, args)
+    return 0
+
+
+def report_diffusers(result, args) -> None:
+    """Rank 0: write the frames (video, tensor, JSON) and print the per-rank table."""
+    import torch
+
+    from dsp.sample.video import tile, write_video
+
+    frames, lay = result.frames, result.layout
+    wrote = []
+    if args.output_type == "pt":  # (B, F, 3, H, W) in [0, 1] -> (B, 3, F, H, W) in [-1, 1]
+        video = frames.float().permute(0, 2, 1, 3, 4) * 2 - 1
+        h, w = video.shape[-2:]
+        scale = args.scale or max(1, 128 // max(1, min(h, w)))
+        wrote.append(
+            f"{args.out} ({write_video(args.out, tile(video, scale=scale), fps=args.fps)})"
+        )
+    if args.save_tensor:
+        Path(args.save_tensor).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"frames": frames, "layout": lay}, args.save_tensor)
+        wrote.append(args.save_tensor)
+    rows = [
+        [r, f"{st['total_s']:.3f}", human_bytes(int(st["bytes_sent"]))]
+        for r, st in enumerate(result.ranks)
+    ]
+    title = (
+        f"dsp sample --diffusers: {lay['pipeline']}, cfg={lay['cfg']} x sp={lay['sp']} "
+        f"({lay['strategy']}), {lay['device']} {lay['dtype']}"
+    )
+    print_table(title, ["rank", "total s", "sent"], rows)
+    print(f"frames {tuple(frames.shape)}; wrote " + (", ".join(wrote) or "nothing"))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"layout": lay, "ranks": result.ranks}, indent=2))
 
 
 def check_sizes(cfg, world: int) -> None:
