@@ -61,3 +61,17 @@ def test_what_cannot_train_is_refused_before_any_rank(capsys):
     assert "dsp train builds diffusers:latte" in capsys.readouterr().err
     assert main(["train", "--model", "diffusers:sora"]) == 2
     assert "unknown diffusers model 'diffusers:sora'" in capsys.readouterr().err
+
+
+def test_dsp_sample_reads_a_diffusers_checkpoint_on_two_ranks(tmp_path):
+    import torch
+
+    ckpt = tmp_path / "ckpt"
+    args = ["train", "--model", "diffusers:latte", "--steps", "1", "--no-progress"]
+    assert main(args + ["--ckpt-dir", str(ckpt)]) == 0
+    sample = ["sample", "--checkpoint", str(ckpt), "--steps", "2", "--out", str(tmp_path / "v.gif")]
+    for world in (2, 1):
+        out = str(tmp_path / f"s{world}.pt")
+        assert main(sample + ["--world-size", str(world), "--save-tensor", out]) == 0
+    two, one = (torch.load(tmp_path / f"s{w}.pt")["latents"] for w in (2, 1))
+    torch.testing.assert_close(two, one, atol=1e-5, rtol=0)  # fp32

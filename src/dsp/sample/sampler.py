@@ -158,8 +158,12 @@ def sample(cfg: SampleConfig) -> SampleResult:
         mesh = dims.mesh(device.type, timeout)
         cfg_group, cfg_rank = mesh["cfg"].get_group(), mesh.get_local_rank("cfg")
         example = meta_like(x, model_time(torch.zeros(b, device=device)), y_c)
-        strategy = get_strategy(cfg.strategy, mesh["sp"].get_group(), plan=cfg.plan)
-        strategy.apply(model, example)
+        if hasattr(model, "parallelize"):  # trained from diffusers: its declarations, by class
+            model.parallelize(mesh["sp"].get_group(), cfg.strategy, plan=cfg.plan,
+                              example_inputs=example)  # fmt: skip
+        else:
+            strategy = get_strategy(cfg.strategy, mesh["sp"].get_group(), plan=cfg.plan)
+            strategy.apply(model, example)
         set_group_timeouts(timeout)  # groups the strategy made too
     amp = autocast_dtype(cfg.precision, device)
 

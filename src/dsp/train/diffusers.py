@@ -15,7 +15,8 @@ What differs from dsp's own models: the caption mask is not passed (Latte's spat
 take per-frame text without a per-frame mask; a dropped caption is the null caption's
 embeddings, as for the others); ``--activation-checkpointing`` and ``--data-parallel fsdp``
 are refused (they wrap ``model.blocks``, which diffusers' models do not have); the plan is
-the planner's for the run's shapes (``--plan auto``).
+the planner's for the run's shapes (``--plan auto``). ``dsp sample --checkpoint`` samples
+from its checkpoints like from dsp's own models.
 """
 
 from __future__ import annotations
