@@ -47,7 +47,7 @@ class Act:
     src: Optional[str] = None
     dst: Optional[str] = None
     label: str = ""
-    kind: str = ""  # attend: heads | ring | usp
+    kind: str = ""  # attend: heads | ring | usp; allgather: "companion" (may be absent)
     degree: Optional[int] = None  # attend usp: the Ulysses degree
     bias: Optional[str] = None  # reducescatter: the row-parallel Linear whose bias follows
 
@@ -123,8 +123,12 @@ def stage_hooks(i: int, st: Stage, plan: Plan, decl: Declarations) -> List[Hook]
             pre.append(Act("switch", k, lay, r, st.shard, label))
         elif st.kind in ("whole", "tp"):
             pre.append(Act("allgather", k, lay, r, None, label))
+    passed = _sliced_by(st, plan, decl)  # companions the enclosing stage sliced, by name
     for k, lay in extra.items():
-        if runs_on is not None and runs_on in lay.names:
+        sliced = passed.get(k)
+        if sliced in lay.names and sliced != runs_on:  # the parent's slice: made whole first
+            pre.append(Act("allgather", k, lay, sliced, None, label, kind="companion"))
+        if runs_on is not None and runs_on in lay.names and runs_on != sliced:
             pre.append(Act("split", k, lay, None, runs_on, label))
     for attr, lay in (decl.buffers.get(st.module) or {}).items():
         if runs_on is not None and runs_on in lay.names:
@@ -175,6 +179,28 @@ def stage_hooks(i: int, st: Stage, plan: Plan, decl: Declarations) -> List[Hook]
     if post:
         hooks.append(Hook(st.module, "post", tuple(post)))
     return hooks
+
+
+def _sliced_by(st: Stage, plan: Plan, decl: Declarations) -> Dict[Arg, str]:
+    """``{argument: dim}``: the companions the innermost enclosing stage of the stream sliced
+    on the dim it runs on, by argument name. A parent passes its per-frame conditioning down
+    under the same name (``temb``, ``image_only_indicator``), so those arrive sharded on that
+    dim: gathered where the module needs them whole, not split again. (Run time checks the
+    lengths: a companion that arrives whole after all fails loudly.)"""
+    around = [
+        o
+        for o in plan.stages
+        if o.stream == st.stream and o.module and st.module.startswith(o.module + ".")
+    ]
+    for outer in sorted(around, key=lambda o: -len(o.module)):
+        runs_on = {"compute": outer.shard, "whole": None, "tp": None}.get(outer.kind, outer.rest)
+        if runs_on is None:
+            return {}
+        _, extra = decl.split_inputs(outer.module, plan.stream(outer.stream))
+        named = {k: runs_on for k, lay in extra.items() if isinstance(k, str) and runs_on in lay}
+        if named:
+            return named
+    return {}
 
 
 def encloses(module: str, s: Stream) -> bool:

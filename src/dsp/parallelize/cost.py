@@ -117,7 +117,7 @@ def act_costs(hook: Hook, call: Call, trace: Trace, n: int, sizes: Optional[Dict
                 yield (act, *act_bytes(act, a.q, local, n))
             continue
         info = _tensor(act, hook.side, call, trace, sizes)
-        if info is None and act.op == "split":  # a companion not passed at this call
+        if info is None and (act.op == "split" or act.kind == "companion"):  # not passed here
             continue
         if info is None:
             where = "input" if hook.side == "pre" else "output"

@@ -227,6 +227,7 @@ class _Search:
         self.bare = Plan(rec.streams)
         self.overrides: Dict[str, Any] = {}
         self.price: Optional[Callable[[Act, int, int], float]] = None
+        self.locals: set = set()
 
     def legal_dims(self, stream: Stream, exclude=(), within=None) -> List[str]:
         return [
@@ -241,7 +242,13 @@ class _Search:
         """What ``st`` costs at ``call`` with its operands' gathers: forward + backward bytes,
         or the sum of ``price(act, fwd, bwd)`` over its collectives when a price is given."""
         total = 0
-        hooks = [(h, call) for h in stage_hooks(0, st, self.bare, self.rec.decl)]
+        around = [  # the local stages around it: they slice the companions it receives
+            Stage(m, st.stream, kind="local", rest=st.rest)
+            for m in self.locals
+            if st.module.startswith(m + ".") and m
+        ]
+        plan = Plan(self.rec.streams, tuple(around)) if around else self.bare
+        hooks = [(h, call) for h in stage_hooks(0, st, plan, self.rec.decl)]
         for op in operands:
             g = Stage(op.module, _op_stream(self.rec, op), kind="gather_output", shard="_")
             hooks += [(h, op) for h in stage_hooks(0, g, self.bare, self.rec.decl)]
@@ -251,6 +258,7 @@ class _Search:
         return total
 
     def run(self, sites: List[_Site]) -> Tuple[Cost, List]:
+        self.locals = {s.module or s.call.module for s in sites if s.kind == "local"}
         start = (None,) * len(self.order)
         best: Dict[Tuple, Tuple[Cost, List]] = {start: ((0, Fraction(0), 0), [])}
         for site in sites:

@@ -4,11 +4,11 @@
 >>> handle = parallelize(pipe)          # or parallelize(pipe.transformer, strategy="ulysses")
 >>> frames = pipe(prompt_embeds=..., num_frames=16).frames   # the same on every rank
 
-Each declared class has a small module here (``latte.py``, ``wan.py``, ``animatediff.py``) whose
-``declarations(model)`` returns its streams and declarations (docs/parallelize.md); the
-planner chooses the stages from them. diffusers is imported only by the caller: importing
-this package does not import it. Tested with diffusers 0.42.1. How to declare a class that
-is not here: docs/diffusers.md.
+Each declared class has a small module here (``latte.py``, ``wan.py``, ``animatediff.py``,
+``svd.py``) whose ``declarations(model)`` returns its streams and declarations
+(docs/parallelize.md); the planner chooses the stages from them. diffusers is imported only
+by the caller: importing this package does not import it. Tested with diffusers 0.42.1. How
+to declare a class that is not here: docs/diffusers.md.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ MODELS: Dict[str, str] = {
     "LatteTransformer3DModel": "latte",
     "WanTransformer3DModel": "wan",
     "UNetMotionModel": "animatediff",
+    "UNetSpatioTemporalConditionModel": "svd",
 }
 
 

@@ -1,0 +1,78 @@
+"""diffusers' ``UNetSpatioTemporalConditionModel`` (Stable Video Diffusion).
+
+Its forward folds frames into the batch, ``(B*F, C, H, W)``; every block receives the
+per-frame timestep embedding ``(B*F) D``, image embedding ``(B*F) L E`` and
+``image_only_indicator`` ``(B, F)``, and reshapes with ``num_frames =
+image_only_indicator.shape[-1]``. The stream is the activation from ``conv_in`` to
+``conv_norm_out``, its frames sharded at every resolution:
+
+* each block slices its companions to its frames (the blocks' reshapes then see the local
+  frame count, consistently);
+* spatial ResNets, down- and upsampling convolutions run per frame, on the frame shard as
+  they are;
+* temporal ResNets (a ``(3, 1, 1)`` convolution over frames, ``GroupNorm`` over frames and
+  rows) run on a shard of their own rows or columns (``Ht``/``Wt``): one switch in, one
+  back, the norms' statistics summed over the ranks, the per-frame embedding gathered;
+* the spatio-temporal transformers compute frame positions from their local frame count in
+  their own forward (``arange(num_frames)``), so they must see every frame: they run
+  ``whole`` (frames gathered in, this rank's frames kept of the output; N x their compute).
+"""
+
+from __future__ import annotations
+
+from dsp.parallelize import Stream
+from dsp.parallelize.args import Args
+
+CLASS = "UNetSpatioTemporalConditionModel"
+SUMMARY = (
+    "spatial ResNets and convolutions on frame shards; temporal ResNets on row shards (one "
+    "switch in, one back; GroupNorm statistics summed over ranks); spatio-temporal "
+    "transformers whole (their forward numbers the frames it sees)"
+)
+
+
+def declarations(model):
+    """``(streams, declare)`` for ``model`` (any config: names follow its blocks)."""
+    streams = [
+        Stream(
+            "x",
+            "B F C H W",
+            entry="conv_in",
+            exit="conv_norm_out",
+            shard="F",
+            seq=("F",),
+            arg=0,
+            layout="(B F) C H W",
+            exit_arg=0,
+        )
+    ]
+    declare = {"": {"inputs": {"sample": "B F Cin Hi Wi"}}}
+    blocks = [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
+    blocks += [f"up_blocks.{i}" for i in range(len(model.up_blocks))] + ["mid_block"]
+    modules = dict(model.named_modules())
+    for name in blocks:
+        inputs = {
+            "hidden_states": "(B F) Cb Hb Wb",
+            "temb": "(B F) D",
+            "image_only_indicator": "B F",
+        }
+        if "encoder_hidden_states" in Args(modules[name]).positional:
+            inputs["encoder_hidden_states"] = "(B F) L E"
+        declare[name] = {"inputs": inputs}
+        declare[f"{name}.resnets.*.temporal_res_block"] = {
+            "compute": "F",
+            "inputs": {"input_tensor": "B Ct F Ht Wt", "temb": "B F D"},
+            "shard": "Ht Wt",
+            "norm": "B Ct F Ht Wt",
+        }
+        if hasattr(modules[name], "attentions"):
+            declare[f"{name}.attentions.*"] = {
+                "compute": "F",
+                "inputs": {
+                    "hidden_states": "(B F) Ca Ha Wa",
+                    "encoder_hidden_states": "(B F) L E",
+                    "image_only_indicator": "B F",
+                },
+                "output": {0: "(B F) Ca Ha Wa"},  # called with return_dict=False: a tuple
+            }
+    return streams, declare

@@ -1,0 +1,165 @@
+"""Per-rank bodies: diffusers' SVD UNet (UNetSpatioTemporalConditionModel), unchanged.
+
+A tiny random config (no downloads), fp64, B = 2, F = 5 frames of 8 x 6 latents (uneven
+over 2 and 3 ranks; rows 8, 4 at the two resolutions).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+import dsp
+from dsp.integrations.diffusers import parallelize
+
+B, F, H, W = 2, 5, 8, 6
+
+
+def svd(frames: int = F, dtype=torch.float64):
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    torch.manual_seed(0)
+    model = UNetSpatioTemporalConditionModel(
+        in_channels=8,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        block_out_channels=(32, 32),
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=12,
+        layers_per_block=1,
+        cross_attention_dim=16,
+        num_attention_heads=(2, 2),
+        num_frames=frames,
+    ).to(dtype)
+    with torch.no_grad():  # diffusers zero-inits the temporal mixing; make every path count
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, dtype=dtype) * 0.02)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, frames, 8, H, W, generator=g, dtype=dtype)
+    image = torch.randn(B, 1, 16, generator=g, dtype=dtype)
+    ids = torch.tensor([[6.0, 127.0, 0.02]] * B, dtype=dtype)
+    kwargs = {
+        "timestep": torch.tensor([3.0, 500.0]),
+        "encoder_hidden_states": image,
+        "added_time_ids": ids,
+    }
+    return model, (x, kwargs)
+
+
+def _mean(t):
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
+def _run(model, inputs, w):
+    x = inputs[0].detach().clone().requires_grad_()
+    (out,) = model(x, **inputs[1], return_dict=False)
+    (out * w).sum().backward()
+    return out, x.grad
+
+
+def equality(strategy: str = "dsp", atol: float = 1e-9, frames: int = F):
+    """Output, every parameter gradient and the input gradient equal one process; returns
+    the bytes this rank sent, the dry run's total and the plan's stage kinds."""
+    model, inputs = svd(frames)
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(2)
+    (out_ref,) = ref(inputs[0], **inputs[1], return_dict=False)
+    w = torch.randn(out_ref.shape, generator=g, dtype=out_ref.dtype)
+    out_ref, gx_ref = _run(ref, inputs, w)
+    handle = parallelize(model, strategy=strategy)
+    with dsp.comm_log() as log:
+        out, gx = _run(model, inputs, w)
+    handle.sync_grads()
+    torch.testing.assert_close(out, out_ref, atol=atol, rtol=0)
+    n_grads = 0
+    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+        if b.grad is None:
+            assert a.grad is None, name
+            continue
+        torch.testing.assert_close(a.grad, b.grad, atol=atol, rtol=0, msg=name)
+        n_grads += 1
+    torch.testing.assert_close(_mean(gx), gx_ref, atol=atol, rtol=0)
+    return {
+        "sent": log.sent("forward") + log.sent("backward"),
+        "predicted": handle.dry_run().total,
+        "kinds": [(st.kind, st.module, st.shard) for st in handle.plan.stages],
+        "plan": str(handle.plan),
+        "grads": n_grads,
+    }
+
+
+# ----------------------------------------------------------------------------- pipeline
+def svd_pipeline():
+    """A tiny ``StableVideoDiffusionPipeline`` built from configs (nothing downloaded)."""
+    import PIL.Image
+    from diffusers import (
+        AutoencoderKLTemporalDecoder,
+        EulerDiscreteScheduler,
+        StableVideoDiffusionPipeline,
+    )
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    unet, _ = svd()
+    torch.manual_seed(3)
+    vae = AutoencoderKLTemporalDecoder(
+        block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+    ).double()
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=16,
+            projection_dim=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=224,  # the pipeline resizes a PIL image to 224 x 224 for CLIP
+            patch_size=56,
+        )
+    ).double()
+    processor = CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224})
+    pipe = StableVideoDiffusionPipeline(
+        vae=vae,
+        image_encoder=encoder,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(),
+        feature_extractor=processor,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(4)
+    pixels = torch.randint(0, 256, (16, 24, 3), generator=g, dtype=torch.uint8).numpy()
+    image = PIL.Image.fromarray(pixels)
+    call = {  # latents of 8 x 12 (the tiny VAE halves the frame)
+        "image": image,
+        "height": 16,
+        "width": 24,
+        "num_frames": F,
+        "num_inference_steps": 2,
+        "decode_chunk_size": F,
+        "output_type": "latent",
+    }
+    return pipe, call
+
+
+def pipeline_frames(cfg: bool = False):
+    """``pipe(...)`` after ``parallelize(pipe)`` returns one process's latents on every rank
+    (image conditioning, scheduler steps and classifier-free guidance included)."""
+    pipe, call = svd_pipeline()
+    ref = pipe(**call, generator=torch.Generator().manual_seed(5)).frames
+    handles = parallelize(pipe, cfg=cfg)
+    with dsp.comm_log() as log:
+        frames = pipe(**call, generator=torch.Generator().manual_seed(5)).frames
+    torch.testing.assert_close(frames, ref, atol=1e-9, rtol=0)
+    handle = handles.handles["unet"]
+    steps = call["num_inference_steps"]
+    return {
+        "sent": log.sent("forward"),
+        "predicted": steps * handle.dry_run().total_forward,
+        "shape": tuple(frames.shape),
+    }

@@ -1,0 +1,42 @@
+"""DSP on diffusers' Stable Video Diffusion UNet, unchanged (tiny random config, fp64)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+from tests.integrations import _svd  # noqa: E402
+
+
+def _sent(results):
+    return sum(r["sent"] for r in results)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_svd_unet_equals_one_process_with_frames_and_rows_sharded(pools, n):
+    results = pools.run(n, _svd.equality)
+    assert _sent(results) == results[0]["predicted"] > 0
+    assert results[0]["grads"] > 50
+    kinds = {
+        (k, "temporal_res_block" if "temporal_res_block" in m else "attentions")
+        for k, m, _ in results[0]["kinds"]
+        if k != "local"
+    }
+    # temporal ResNets on their own rows or columns (GroupNorm over frames and rows, summed
+    # over ranks); the spatio-temporal transformers whole (they number their own frames)
+    assert kinds == {("compute", "temporal_res_block"), ("whole", "attentions")}
+    shards = {s for k, m, s in results[0]["kinds"] if k == "compute"}
+    assert shards <= {"Ht", "Wt"}
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_svd_pipeline_returns_one_process_latents_on_every_rank(pools, n):
+    results = pools.run(n, _svd.pipeline_frames)
+    assert {r["shape"] for r in results} == {(1, _svd.F, 4, 8, 12)}
+    assert _sent(results) == results[0]["predicted"] > 0  # every step as the dry run says
+
+
+def test_svd_pipeline_cfg_parallel_returns_one_process_latents(pools):
+    results = pools.run(4, _svd.pipeline_frames, True)
+    assert {r["shape"] for r in results} == {(1, _svd.F, 4, 8, 12)}
