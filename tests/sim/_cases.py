@@ -87,3 +87,51 @@ def workload(model, strategy="none", n=1, shape=(1, 8, 12, 16), **kw):
         elem=4,
         **kw,
     )
+
+
+def generic_inputs(name, model, shape):
+    """fp32 inputs as :func:`dsp.sim.traced.inputs` makes them on meta: the Evoformer's
+    ``(msa, pair)`` (needing gradients) for ``shape = (B, M, R)``, an axial transformer's video
+    for ``shape = (B, T, H, W)``."""
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    if name.startswith("evoformer"):
+        b, m, r = shape
+        msa = torch.randn(b, m, r, c.c_m, generator=g).requires_grad_()
+        return (msa, torch.randn(b, r, r, c.c_z, generator=g).requires_grad_())
+    b, t, h, w = shape
+    return (torch.randn(b, c.in_channels, t, h, w, generator=g),)
+
+
+def measure_many(cases):
+    """This rank's bytes and saved activations (the model's own attention core), and FLOPs
+    (torch.utils.flop_counter, attention as matmuls so that it counts them) for each
+    ``(model, strategy, shape, options)``: two real fp32 steps each."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dsp.models import CONFIGS
+
+    out = []
+    for name, strategy, shape, options in cases:
+        dit = hasattr(CONFIGS[name], "caption_channels")
+        got = {}
+        for core in (None, math_core):
+            torch.manual_seed(0)
+            model = build_model(name, zero_init=False) if dit else build_model(name)
+            if core is not None:
+                for m in model.modules():
+                    if hasattr(m, "core"):
+                        m.core = core
+            x = inputs(model, shape) if dit else generic_inputs(name, model, shape)
+            get_strategy(strategy, **(options or {})).apply(model, x)
+            with dsp.comm_log() as log, FlopCounterMode(display=False) as fc:
+                with saved_activations(model.parameters()) as saved:
+                    y = model(*x)
+                sum(o.sum() for o in (y if isinstance(y, tuple) else (y,))).backward()
+            if core is None:
+                got.update(forward=log.sent("forward"), backward=log.sent("backward"))
+                got.update(saved=saved.bytes)
+            else:
+                got["flops"] = fc.get_total_flops()
+        out.append(got)
+    return out

@@ -15,6 +15,7 @@ SHAPES = {2: (2, 5, 6, 10), 3: (1, 7, 6, 6), 4: (2, 8, 8, 8)}  # (B, T, H, W): u
 
 def _workload(model, strategy, n, shape, **kw):
     u = 2 if (strategy == "usp" and n == 4) else None
+    kw.setdefault("plan", "hand")  # the paper's placement: what the formulas describe
     return _cases.workload(
         model, strategy, n, shape, param_elem=4, dp_style="ddp", ulysses_degree=u, **kw
     )

@@ -9,7 +9,8 @@ Per rank ``r`` of a strategy (sizes ``t_r, s_r, h_r`` from ``torch.tensor_split`
 * every strategy runs the patch embedding on the whole input (the entry split is at
   ``blocks.0``), the timestep and caption embedders replicated, token-wise work on its
   ``B t_r S`` tokens;
-* ``dsp``: the temporal attention (q, k, v, projection, core) on ``B s_r T`` tokens;
+* ``dsp``: what its placement runs S-sharded (STDiT's temporal attention, Latte's whole
+  temporal block) on ``B s_r T`` tokens;
 * ``ulysses``: the temporal core on all ``T`` and ``S`` with ``h_r`` heads;
 * ``ring``: the temporal core with ``t_r`` queries against all ``T`` keys;
 * ``usp``: Ulysses in rows of ``u`` (``h_u`` heads) with the row's chunk of queries;
@@ -58,7 +59,8 @@ def forward_flops(w: Workload, r: int = 0) -> Dict[str, int]:
     first = _lin(B * T * S, m.patch_in, C) + _lin(B, 256, C) + _lin(B * L, m.caption, C)
     embed = first + _lin(B, C, C) + _lin(B, C, 6 * C) + _lin(B * L, C, C)
     linear = core = 0
-    for op in m.ops:
+    for op, on_s in zip(m.ops, m.on_s):
+        rows = B * s_r * T if (s == "dsp" and on_s) else tok
         if op[0] == "attn":
             other = S if op[1] == "T" else T  # the dim that acts as batch
             seq = T if op[1] == "T" else S  # the dim attended over
@@ -66,7 +68,6 @@ def forward_flops(w: Workload, r: int = 0) -> Dict[str, int]:
                 linear += _lin(full, C, 3 * h_r * D) + _lin(full, h_r * D, C)
                 core += 4 * B * other * seq * seq * h_r * D
                 continue
-            rows = B * s_r * T if (s == "dsp" and op[1] == "T") else tok
             linear += _lin(rows, C, 3 * C) + _lin(rows, C, C)
             if op[1] == "S" or s in ("none", "dsp"):  # local: own rows, whole sequence
                 core += 4 * (rows // seq) * seq * seq * C
@@ -82,10 +83,10 @@ def forward_flops(w: Workload, r: int = 0) -> Dict[str, int]:
                 linear += _lin(full, h_r * D, C)
                 core += 4 * full * L * h_r * D
             else:
-                linear += _lin(tok, C, C) + _lin(B * L, C, 2 * C) + _lin(tok, C, C)
-                core += 4 * tok * L * C
+                linear += _lin(rows, C, C) + _lin(B * L, C, 2 * C) + _lin(rows, C, C)
+                core += 4 * rows * L * C
         else:  # mlp
-            linear += _lin(full, C, f_r) + _lin(full, f_r, C) if tp else 2 * _lin(tok, C, m.F)
+            linear += _lin(full, C, f_r) + _lin(full, f_r, C) if tp else 2 * _lin(rows, C, m.F)
     return {
         "embed": embed,
         "first_layers": first,
@@ -96,7 +97,21 @@ def forward_flops(w: Workload, r: int = 0) -> Dict[str, int]:
 
 
 def step_flops(w: Workload, r: int = 0, *, attn_bwd: float = 2.0) -> Dict[str, float]:
-    """FLOPs of one step on rank ``r``: ``forward``, ``backward``, ``recompute`` and ``total``."""
+    """FLOPs of one step on rank ``r``: ``forward``, ``backward``, ``recompute`` and ``total``.
+
+    Without closed forms (:attr:`Workload.closed_form`): ``torch.utils.flop_counter``'s count
+    of the engine's own step on meta tensors (:func:`dsp.sim.traced.rank_cost`), the fused
+    attention kernels' backward taken as ``attn_bwd`` times their forward."""
+    if not w.closed_form:
+        from dsp.sim.traced import rank_cost
+
+        c = rank_cost(w, r).flops
+        rec = c["blocks_forward"] if w.mode == "train" and w.activation_checkpointing else 0
+        fwd = c["forward"]
+        bwd = 0.0
+        if w.mode == "train":
+            bwd = c["backward"] - c["attn_backward"] + attn_bwd * c["attn_forward"]
+        return {"forward": fwd, "backward": bwd, "recompute": rec, "total": fwd + bwd + rec}
     f = forward_flops(w, r)
     fwd = f["embed"] + f["blocks_linear"] + f["blocks_core"] + f["final"]
     if w.mode == "infer":

@@ -16,13 +16,19 @@ autograd keeps for backward, once), module by module, in units of one token's hi
 * outside the blocks: the input video (the patch embedding keeps it), the final layer's
   norm input, norm output and modulated input (3 units on the rank's tokens).
 
-Strategy differences: ``dsp`` holds the temporal attention on ``B s_r T`` tokens; ``ulysses``
-and ``usp`` switch q, k, v and the output (the same element counts with ``h_r`` heads of all
-``T``); ``ring`` saves its fp32 log-sum-exp; ``megatron_sp`` saves each region's gathered input
+Strategy differences: ``dsp`` holds what its placement runs S-sharded (STDiT's temporal
+attention, Latte's temporal block) on ``B s_r T`` tokens; ``ulysses`` and ``usp`` hold q, k,
+v, the core's output and its log-sum-exp in the heads layout (``h_r`` heads of all ``T``; USP:
+its share of the heads over a row, on the row's chunk of ``T``); ``ring`` saves its fp32
+log-sum-exp; ``megatron_sp`` saves each region's gathered input
 on all ``B T S`` tokens and its q k v / hidden units for ``h_r`` heads / ``F_r`` units.
 
 With activation checkpointing only each block's input is kept (1 unit per block) and one
 block's activations are rebuilt at a time in backward.
+
+Models without closed forms (:attr:`Workload.closed_form`): what autograd saves in the
+engine's own step on meta tensors (:func:`dsp.sim.traced.rank_cost`), and under checkpointing
+what is saved outside the blocks plus each block's input and the largest block.
 
 Model state per parameter (mixed precision, as ZeRO counts it): ``param_elem`` bytes of
 weights and of gradients, and ``3 x master_elem`` of optimizer state (fp32 master, Adam m, v;
@@ -44,6 +50,15 @@ __all__ = ["activation_bytes", "model_state_bytes", "memory_bytes"]
 _LSE = 4  # log-sum-exp is fp32 whatever the activation dtype
 
 
+def _usp_heads(w: Workload, r: int):
+    """USP rank ``r``'s (sequence length, heads) in the heads layout: its row's chunk of T,
+    its share of the heads over the row's ``u`` ranks."""
+    u = w.u
+    t = shard_sizes(w.T, w.sp)
+    row = r // u
+    return sum(t[row * u : (row + 1) * u]), shard_sizes(w.shape.H, u)[r % u]
+
+
 def _block_units(w: Workload, r: int) -> Dict[str, float]:
     """Saved bytes of all blocks on rank ``r`` (``"all"``) and of the largest one (``"one"``)."""
     m, s = w.shape, w.strategy
@@ -55,14 +70,19 @@ def _block_units(w: Workload, r: int) -> Dict[str, float]:
     tp = s == "megatron_sp"
     total = block = largest = 0.0
     prev = None
-    for op in m.ops:
-        rows = B * s_r * T if (s == "dsp" and op == ("attn", "T")) else tok
+    for op, on_s in zip(m.ops, m.on_s):
+        rows = B * s_r * T if (s == "dsp" and on_s) else tok
         b = 0.0
         if op[0] == "mlp" or (op[0] == "attn" and prev != ("attn",)):
             b += rows * (2 * C * e + 2 * 4)  # norm input, output; mean and rstd (fp32)
         if op[0] == "attn":
             if tp:  # gathered input, q k v and output of h_r heads, the gate's input
                 b += full * C * e + full * 4 * h_r * m.D * e + full * h_r * _LSE + tok * C * e
+            elif op == ("attn", "T") and s in ("ulysses", "usp"):
+                # the qkv input and the projection's output on own rows; q k v and the core's
+                # output in the heads layout: (B S, all of T or the row's chunk, own heads)
+                length, heads = (T, h_r) if s == "ulysses" else _usp_heads(w, r)
+                b += rows * 2 * C * e + B * S * length * heads * (4 * m.D * e + _LSE)
             else:
                 b += rows * (6 * C * e + H * _LSE)
         elif op[0] == "cross":
@@ -91,6 +111,13 @@ def activation_bytes(w: Workload, r: int = 0) -> Dict[str, float]:
     ``peak`` (adds the one block rebuilt at a time under activation checkpointing)."""
     if w.mode == "infer":
         return {"saved": 0.0, "peak": 0.0}
+    if not w.closed_form:  # the engine's step on meta tensors (dsp.sim.traced)
+        from dsp.sim.traced import rank_cost
+
+        c = rank_cost(w, r)
+        if w.activation_checkpointing:
+            return {"saved": c.saved_checkpointed, "peak": c.saved_checkpointed + c.block_max}
+        return {"saved": c.saved, "peak": c.saved}
     m = w.shape
     blocks = _block_units(w, r)
     e = w.elem
@@ -105,10 +132,16 @@ def activation_bytes(w: Workload, r: int = 0) -> Dict[str, float]:
 
 def model_state_bytes(w: Workload) -> Dict[str, float]:
     """Parameters, gradients and optimizer state per GPU under ``w.dp_style``."""
-    m = w.shape
+    if w.closed_form:
+        m = w.shape
+        params, tp = m.params, m.tp_params if w.strategy == "megatron_sp" else 0
+    else:
+        from dsp.sim.traced import rank_cost
+
+        c = rank_cost(w, 0)
+        params, tp = c.params, c.tp_params
     mesh = w.dp * w.sp
-    tp = m.tp_params if w.strategy == "megatron_sp" else 0
-    local = (m.params - tp) + tp / w.sp  # parameters this rank computes with
+    local = (params - tp) + tp / w.sp  # parameters this rank computes with
     params, grads = local * w.param_elem, local * w.param_elem
     master = w.master_elem if w.param_elem < 4 else 0
     opt = local * (master + 2 * max(w.master_elem, w.param_elem)) if w.mode == "train" else 0

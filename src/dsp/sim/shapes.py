@@ -36,6 +36,9 @@ class ModelShape:
         P: the final layer's output channels per token.
         ops: the block modules in execution order: ``("attn", "S"|"T")``, ``("cross",)``,
             ``("mlp",)``.
+        on_s: for each of ``ops``, whether DSP's placement runs it S-sharded (inside a stage
+            that computes over T: STDiT's temporal attention; Latte's whole temporal block,
+            its MLP included).
         depth: number of blocks.
         params: all parameters.
         tp_params: parameters Megatron-SP shards over the sp group (attention, cross-attention
@@ -52,6 +55,7 @@ class ModelShape:
     patch_in: int
     P: int
     ops: Tuple[tuple, ...]
+    on_s: Tuple[bool, ...]
     depth: int
     params: int
     tp_params: int
@@ -84,7 +88,10 @@ def _shape(name: str, overrides: Tuple[Tuple[str, object], ...]) -> ModelShape:
             f"dsp simulate: {name} is not a video DiT with `blocks` and `final_layer`; the cost "
             "model covers the models the strategies run (STDiT, Latte)"
         )
-    ops = []
+    from dsp.models.plans import hand_plan
+
+    t_stages = [st.module for st in hand_plan(model).stages if st.compute == ("T",)]
+    ops, on_s = [], []
     for bname, mod in model.named_modules():
         if not bname.startswith("blocks."):
             continue
@@ -94,6 +101,9 @@ def _shape(name: str, overrides: Tuple[Tuple[str, object], ...]) -> ModelShape:
             ops.append(("cross",))
         elif isinstance(mod, Mlp):
             ops.append(("mlp",))
+        else:
+            continue
+        on_s.append(any(bname == m or bname.startswith(m + ".") for m in t_stages))
     attn = next(m for m in model.modules() if isinstance(m, Attention))
     mlp = next(
         m for n, m in model.named_modules() if n.startswith("blocks.") and isinstance(m, Mlp)
@@ -111,6 +121,7 @@ def _shape(name: str, overrides: Tuple[Tuple[str, object], ...]) -> ModelShape:
         patch_in=conv.in_channels * math.prod(conv.kernel_size),
         P=model.final_layer.linear.out_features,
         ops=tuple(ops),
+        on_s=tuple(on_s),
         depth=len(model.blocks),
         params=sum(p.numel() for p in model.parameters()),
         tp_params=_tp_params(model),

@@ -65,6 +65,10 @@ def _ranks(w: Workload) -> List[int]:
     """One rank per distinct set of shard sizes (ranks with equal sizes cost the same)."""
     if w.strategy == "none":
         return [0]
+    if not w.closed_form:
+        from dsp.sim.traced import ranks
+
+        return ranks(w.sp)
     t, s = w.t_sizes(), w.s_sizes()
     h, f = shard_sizes(w.shape.H, w.sp), shard_sizes(w.shape.F, w.sp)
     u = w.u if w.strategy == "usp" else w.sp
@@ -127,7 +131,7 @@ def simulate(
         "width": w.width,
         "batch": w.batch,
         "mode": w.mode,
-        "patches": w.S,
+        "patches": w.S if w.is_dit else None,
         "tokens": w.tokens,
         "activation_checkpointing": w.activation_checkpointing,
         "dp_style": w.dp_style,

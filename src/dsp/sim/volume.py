@@ -29,7 +29,7 @@ from dsp.strategies.volume import (
     ulysses_bytes,
 )
 
-__all__ = ["Transfer", "transfers", "sp_bytes"]
+__all__ = ["Transfer", "transfers", "sp_bytes", "sync_transfers"]
 
 
 @dataclass(frozen=True)
@@ -113,29 +113,45 @@ def _sp_transfers(w: Workload, r: int) -> List[Transfer]:
 def transfers(w: Workload, r: int = 0) -> List[Transfer]:
     """Everything rank ``r`` sends in one step of ``w``: the strategy's transfers (forward
     only for ``mode="infer"``), recomputed forward transfers under activation checkpointing,
-    and gradient / parameter traffic on the ``dp x sp`` mesh (``w.grad_sync``)."""
-    sp = _sp_transfers(w, r)
+    and gradient / parameter traffic on the ``dp x sp`` mesh (``w.grad_sync``). Without
+    closed forms (:attr:`Workload.closed_form`) the strategy's transfers are those the engine
+    issues on meta tensors (:func:`dsp.sim.traced.rank_cost`)."""
+    if w.closed_form:
+        sp = _sp_transfers(w, r)
+        again = [t for t in sp if t.phase == "forward" and t.what != "exit gather"]
+        m = w.shape
+        params, tp, depth = m.params, m.tp_params if w.strategy == "megatron_sp" else 0, m.depth
+    else:
+        from dsp.sim.traced import rank_cost
+
+        c = rank_cost(w, r)
+        sp, again = list(c.transfers), list(c.recompute)
+        params, tp, depth = c.params, c.tp_params, c.depth
     if w.mode == "infer":
         return [t for t in sp if t.phase == "forward"]
     out = list(sp)
     if w.activation_checkpointing:  # the blocks' forward again, inside backward
         out += [
-            dataclasses.replace(t, phase="backward", what=t.what + " (recompute)")
-            for t in sp
-            if t.phase == "forward" and t.what != "exit gather"
+            dataclasses.replace(t, phase="backward", what=t.what + " (recompute)") for t in again
         ]
+    return out + sync_transfers(w, params, tp, depth)
+
+
+def sync_transfers(w: Workload, params: int, tp: int, depth: int) -> List[Transfer]:
+    """Gradient and parameter traffic of one step on the ``dp x sp`` mesh (``w.dp_style``):
+    ``params`` parameters, ``tp`` of them tensor-parallel over sp (synchronised over dp
+    only), ``depth`` blocks (FSDP gathers per block)."""
     mesh = w.dp * w.sp
-    if not w.grad_sync or mesh == 1:
-        return out
-    m = w.shape
-    tp = m.tp_params if w.strategy == "megatron_sp" else 0
-    rep, frac = (m.params - tp) * w.param_elem, (mesh - 1) / mesh
+    if not w.grad_sync or mesh == 1 or w.mode == "infer":
+        return []
+    out = []
+    rep, frac = (params - tp) * w.param_elem, (mesh - 1) / mesh
     tp_b, frac_dp = tp / w.sp * w.param_elem, (w.dp - 1) / w.dp
     if w.dp_style == "fsdp":  # all-gather params in forward and backward, reduce-scatter grads
         for what, k in (("params fwd", "all_gather"), ("params bwd", "all_gather")):
-            out.append(Transfer(k, "sync", (rep + tp_b) * frac, m.depth + 1, mesh, what))
+            out.append(Transfer(k, "sync", (rep + tp_b) * frac, depth + 1, mesh, what))
         out.append(
-            Transfer("reduce_scatter", "sync", (rep + tp_b) * frac, m.depth + 1, mesh, "grads")
+            Transfer("reduce_scatter", "sync", (rep + tp_b) * frac, depth + 1, mesh, "grads")
         )
     elif w.dp_style in ("zero1", "zero2"):  # reduce-scatter grads, all-gather updated params
         out.append(Transfer("reduce_scatter", "sync", rep * frac, 1, mesh, "grads"))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 from dsp.comm.shards import shard_sizes
+from dsp.models import CONFIGS, EvoformerConfig, LatteConfig, STDiTConfig
 from dsp.sim.shapes import ModelShape, model_shape
 
 __all__ = ["Workload", "STRATEGIES", "DP_STYLES"]
@@ -24,6 +25,12 @@ class Workload:
     group. ``elem`` is the activation and communication element size (2: bf16, 4: fp32);
     ``param_elem`` that of parameters and gradients; ``master_elem`` the optimizer's master
     copy and each Adam moment (0 master when parameters are already fp32).
+
+    Video models take ``frames x height x width`` (the axial transformer too); the Evoformer
+    takes ``msa`` sequences of ``residues``. ``plan``: DSP's plan, ``"auto"`` (the planner's,
+    as ``dsp bench`` and ``dsp train`` run it) or ``"hand"`` (the paper's placement).
+    :attr:`closed_form` says whether the formulas of :mod:`dsp.sim.flops`, ``volume`` and
+    ``memory`` cost it, or the engine itself on meta tensors (:mod:`dsp.sim.traced`).
     """
 
     model: str = "stdit-xl/2"
@@ -44,8 +51,13 @@ class Workload:
     grad_sync: bool = True
     ulysses_degree: Optional[int] = None
     overrides: Dict[str, int] = field(default_factory=dict)
+    msa: int = 64
+    residues: int = 64
+    plan: str = "auto"
 
     def __post_init__(self):
+        if self.model not in CONFIGS:
+            raise ValueError(f"unknown model {self.model!r}; known: {', '.join(sorted(CONFIGS))}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose from {STRATEGIES}")
         if self.dp_style not in DP_STYLES:
@@ -56,6 +68,10 @@ class Workload:
             raise ValueError(f"sp and dp must be >= 1, got sp={self.sp} dp={self.dp}")
         if self.strategy == "none" and self.sp != 1:
             raise ValueError("strategy none runs on sp = 1")
+        if self.plan not in ("auto", "hand"):
+            raise ValueError(f"plan must be auto or hand, got {self.plan!r}")
+        if not self.is_dit:  # the engine itself says what cannot run (dsp.sim.traced)
+            return
         heads = self.shape.H
         need = {"ulysses": self.sp, "megatron_sp": self.sp, "usp": self.u}.get(self.strategy, 0)
         if need > heads:
@@ -64,6 +80,24 @@ class Workload:
     @property
     def shape(self) -> ModelShape:
         return model_shape(self.model, **self.overrides)
+
+    @property
+    def is_dit(self) -> bool:
+        """A video DiT (``blocks`` of ``(B, T, S, C)`` and a token-wise ``final_layer``)."""
+        return isinstance(CONFIGS.get(self.model), (STDiTConfig, LatteConfig))
+
+    @property
+    def closed_form(self) -> bool:
+        """Costed by the formulas: a video DiT, and for ``dsp`` the hand placement. On STDiT
+        the planner's plan sends the same bytes over all ranks (where T shards less evenly
+        than S it gathers the output along S, which moves each rank's share of the exit
+        gather), so it is costed as the hand placement too; on Latte the planner rests the
+        stream on S from the last temporal block on, so ``plan="auto"`` is costed by the
+        engine."""
+        if not self.is_dit:
+            return False
+        stdit = isinstance(CONFIGS[self.model], STDiTConfig)
+        return self.strategy != "dsp" or self.plan == "hand" or stdit
 
     @property
     def T(self) -> int:
@@ -80,7 +114,14 @@ class Workload:
 
     @property
     def tokens(self) -> int:
-        """Tokens per sp group per step (as ``dsp bench``: batch x T x S)."""
+        """Tokens per sp group per step (as ``dsp bench``: batch x T x S; the Evoformer: its
+        MSA and pair positions, ``batch x (msa x residues + residues^2)``)."""
+        config = CONFIGS[self.model]
+        if isinstance(config, EvoformerConfig):
+            return self.batch * (self.msa * self.residues + self.residues**2)
+        if not self.is_dit:  # axial: patches of every frame
+            pt, ph, pw = config.patch_size
+            return self.batch * (self.frames // pt) * (self.height // ph) * (self.width // pw)
         return self.batch * self.T * self.S
 
     @property
