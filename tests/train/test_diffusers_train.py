@@ -57,6 +57,8 @@ def test_what_cannot_train_is_refused_before_any_rank(capsys):
     assert "--data-parallel fsdp is not supported for diffusers:latte" in capsys.readouterr().err
     assert main(base + ["--activation-checkpointing"]) == 2
     assert "--activation-checkpointing is not supported" in capsys.readouterr().err
+    assert main(base + ["--plan", "hand"]) == 2
+    assert "--plan hand: diffusers:latte is planned per input shapes" in capsys.readouterr().err
     assert main(["train", "--model", "diffusers:wan"]) == 2
     assert "dsp train builds diffusers:latte" in capsys.readouterr().err
     assert main(["train", "--model", "diffusers:sora"]) == 2

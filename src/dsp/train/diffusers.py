@@ -87,6 +87,11 @@ def check_diffusers_config(config: Dict[str, Any]) -> str:
             f"dsp train builds {', '.join(PREFIX + n for n in TRAINABLE)} of the diffusers "
             f"models; {config['model']} runs in dsp bench and under parallelize()"
         )
+    if config.get("plan", "auto") != "auto":
+        raise ValueError(
+            f"--plan {config['plan']}: {config['model']} is planned per input shapes by the "
+            "planner (--plan auto)"
+        )
     for flag, bad in (
         ("--activation-checkpointing", config.get("activation_checkpointing")),
         ("--data-parallel fsdp", config.get("data_parallel") == "fsdp"),
