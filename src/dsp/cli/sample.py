@@ -46,7 +46,8 @@ def add_parser(sub) -> None:
         "--prompt",
         action="append",
         default=None,
-        help="'<colour> <shape> <motion>', repeatable (default 'red circle left')",
+        help="'<colour> <shape> <motion>', repeatable (default 'red circle left'); "
+        "--diffusers: text for the pipeline's own text encoder",
     )
     p.add_argument(
         "--steps",
@@ -80,15 +81,25 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--fps", type=float, default=8.0, help="frames per second (default 8)")
     p.add_argument("--scale", type=int, default=None, help="pixel upscaling (default: to 128 px)")
-    p.add_argument("--save-tensor", default=None, help="also save latents and video (torch.save)")
+    p.add_argument(
+        "--save-tensor",
+        default=None,
+        help="also save latents and video (torch.save; --diffusers: the frames)",
+    )
     p.add_argument("--json", default=None, help="write the latency table as JSON")
     g = p.add_argument_group("diffusers pipelines (--diffusers PATH)")
     g.add_argument("--diffusers", metavar="PATH", default=None, help="a saved pipeline directory")
     g.add_argument(
-        "--prompt-embeds", metavar="FILE", default=None, help="torch.save'd prompt embeddings"
+        "--prompt-embeds",
+        metavar="FILE",
+        default=None,
+        help="torch.save'd prompt embeddings (B, L, C), or a dict of pipeline inputs",
     )
     g.add_argument(
-        "--negative-prompt-embeds", metavar="FILE", default=None, help="and negative ones"
+        "--negative-prompt-embeds",
+        metavar="FILE",
+        default=None,
+        help="torch.save'd negative prompt embeddings (guidance without a text encoder)",
     )
     g.add_argument("--frames", type=int, default=None, help="frames (default: the pipeline's)")
     g.add_argument("--height", type=int, default=None, help="pixels (default: the pipeline's)")
@@ -97,7 +108,7 @@ def add_parser(sub) -> None:
         "--dtype",
         choices=("float32", "float64", "float16", "bfloat16"),
         default="float32",
-        help="torch_dtype of from_pretrained (default float32)",
+        help="the dtype of from_pretrained (default float32)",
     )
     g.add_argument(
         "--output-type",
