@@ -162,3 +162,15 @@ def test_activation_checkpointing_keeps_block_inputs():
     plain, again = step_flops(w), step_flops(ac)
     assert 0 < again["recompute"] < plain["forward"]
     assert sp_bytes(ac)["backward"] > sp_bytes(w)["backward"]
+
+
+def test_ranks_costed_cover_every_shape_pattern():
+    """One rank per pattern of long and short shards: the others cost the same."""
+    from dsp.sim import traced
+
+    w = _workload("axial-tiny", "dsp", AXIAL, 4)  # T = 5, H = 5, W = 7 over 4: 1, 1, 3 long
+    assert traced.ranks(w) == [0, 1, 3]
+    costs = [sp_bytes(w, r) for r in range(4)]
+    assert costs[1] == costs[2]
+    even = _workload("axial-tiny", "dsp", (1, 4, 8, 8), 4)
+    assert traced.ranks(even) == [0]

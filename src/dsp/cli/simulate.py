@@ -6,7 +6,10 @@
     dsp simulate --search --gpus 64 --frames 256 --cluster 8x8xh100-ib
 
 Sizes are the latent video before patchify, as in ``dsp bench`` (128 x 128 latent = 64 x 64
-tokens with patch 2). ``--sp`` defaults to all ``--gpus`` (dp = gpus / sp). See
+tokens with patch 2); the Evoformer takes ``--msa`` and ``--residues``. ``--sp`` defaults to
+all ``--gpus`` (dp = gpus / sp). STDiT and Latte are costed by closed forms; other models
+(axial, Evoformer) and DSP's planner plan on Latte by running one rank of the engine on meta
+tensors, which raises the engine's own error where a strategy cannot run the model. See
 docs/simulate.md for the model, its defaults and their sources.
 """
 
@@ -31,6 +34,8 @@ def add_parser(sub) -> None:
     p.add_argument("--frames", type=ints, default=[64])
     p.add_argument("--height", type=ints, default=[128], help="latent height (list sweeps)")
     p.add_argument("--width", type=ints, default=[128], help="latent width (list sweeps)")
+    p.add_argument("--msa", type=int, default=64, help="Evoformer: MSA sequences M")
+    p.add_argument("--residues", type=int, default=64, help="Evoformer: residues R")
     p.add_argument("--batch", type=int, default=1, help="samples per sp group")
     p.add_argument("--mode", choices=["train", "infer"], default="train")
     p.add_argument("--gpus", type=ints, default=[8])
@@ -42,6 +47,12 @@ def add_parser(sub) -> None:
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--text-len", type=int, default=120)
     p.add_argument("--ulysses-degree", type=int, default=None, help="usp: Ulysses degree")
+    p.add_argument(
+        "--plan",
+        choices=["auto", "hand"],
+        default="auto",
+        help="dsp's plan: auto (the planner's, as dsp bench runs it) or hand (the paper's)",
+    )
     p.add_argument("--memory-limit", type=float, default=None, help="GiB per GPU (default: GPU)")
     p.add_argument("--search", action="store_true", help="best sp / mesh / placement per size")
     p.add_argument(
@@ -75,6 +86,9 @@ def _base(args):
         activation_checkpointing=args.activation_checkpointing,
         dp_style=args.dp_style,
         ulysses_degree=args.ulysses_degree,
+        msa=args.msa,
+        residues=args.residues,
+        plan=args.plan,
     )
 
 

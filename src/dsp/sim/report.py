@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import Dict, List
 
 __all__ = ["markdown", "plot", "longest_fitting"]
 
@@ -28,13 +28,19 @@ def markdown(rows: List[dict]) -> str:
             continue
         lines.append(
             f"| {r['model']} | {r['strategy']} | {r['world_size']} | {r['sp']} x {r['dp']} | "
-            f"{r['frames']}x{r['height']}x{r['width']} | {r['step_time_s']['median']:.3f} | "
+            f"{_size(r)} | {r['step_time_s']['median']:.3f} | "
             f"{r['compute_s']:.3f} | {r['exposed_comm_s']:.3f} | {r['samples_per_s']:.3f} | "
             f"{r['tokens_per_s']:.3g} | "
             f"{(r['bytes_sent_forward'] + r['bytes_sent_backward']) / 2**20:.0f} | "
             f"{_gib(r['memory_per_gpu_bytes'])} | {'yes' if r['fits'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _size(r: Dict) -> str:
+    if r.get("msa") is not None:
+        return f"M={r['msa']} R={r['residues']}"
+    return f"{r['frames']}x{r['height']}x{r['width']}"
 
 
 def longest_fitting(rows: List[dict]) -> List[dict]:

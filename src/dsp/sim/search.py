@@ -6,7 +6,8 @@ Candidates on ``G`` GPUs, for each strategy and each ``sp`` dividing ``G`` (``dp
 
 * ``flat``: the sp group is ``sp`` consecutive ranks; within a node its collectives use the
   intra-node link, a group that spans nodes pays the inter-node link for all of its bytes;
-* for ``dsp`` with ``sp = a x b`` spanning ``b`` nodes of ``a`` GPUs, two 2-D placements:
+* for ``dsp`` on a video DiT with ``sp = a x b`` spanning ``b`` nodes of ``a`` GPUs, two 2-D
+  placements:
 
   - ``2-stage switch``: between stages the activation is ``(B, T/b, S/a, C)``: T over the
     inter-node axis, S over the intra-node one. Each switch is an all-to-all inside the node
@@ -148,7 +149,7 @@ def search(
                 w = dataclasses.replace(base, strategy=s if sp > 1 else "none", sp=sp, dp=g // sp)
                 recs = [(simulate(w, cluster, memory_limit=memory_limit), "flat")]
                 a = cluster.gpus_per_node
-                if s == "dsp" and sp > a and sp % a == 0:
+                if s == "dsp" and sp > a and sp % a == 0 and w.is_dit:
                     for inter in ("2-stage", "T", "S"):
                         rec = _hier_record(w, cluster, a, inter, memory_limit)
                         recs.append(

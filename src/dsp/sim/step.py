@@ -68,7 +68,7 @@ def _ranks(w: Workload) -> List[int]:
     if not w.closed_form:
         from dsp.sim.traced import ranks
 
-        return ranks(w.sp)
+        return ranks(w)
     t, s = w.t_sizes(), w.s_sizes()
     h, f = shard_sizes(w.shape.H, w.sp), shard_sizes(w.shape.F, w.sp)
     u = w.u if w.strategy == "usp" else w.sp
@@ -132,6 +132,7 @@ def simulate(
         "batch": w.batch,
         "mode": w.mode,
         "patches": w.S if w.is_dit else None,
+        **({"msa": w.msa, "residues": w.residues} if w.is_evoformer else {}),
         "tokens": w.tokens,
         "activation_checkpointing": w.activation_checkpointing,
         "dp_style": w.dp_style,

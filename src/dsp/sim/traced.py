@@ -309,7 +309,21 @@ def _rank_cost(w, r: int) -> RankCost:
     )
 
 
-def ranks(n: int) -> List[int]:
-    """The ranks costed for a group of ``n``: all up to 8; else the first two and last two
-    (``torch.tensor_split`` gives the longer shards to the first ranks)."""
-    return list(range(n)) if n <= 8 else [0, 1, n - 2, n - 1]
+def ranks(w) -> List[int]:
+    """The ranks worth costing in a group of ``w.sp``: one per distinct pattern of long and
+    short shards over the sequence dims (``torch.tensor_split`` gives the first ``L mod N``
+    ranks one more element of a dim of length ``L``); ranks with the same pattern hold the
+    same shapes, so they compute, save and send alike. Even sizes: rank 0 alone."""
+    from dsp.models import CONFIGS, EvoformerConfig
+
+    config = CONFIGS[w.model]
+    if isinstance(config, EvoformerConfig):
+        dims = (w.msa, w.residues)
+    else:
+        pt, ph, pw = config.patch_size
+        dims = (w.frames // pt, w.height // ph, w.width // pw)
+    n = w.sp
+    seen: Dict[tuple, int] = {}
+    for r in range(n):
+        seen.setdefault(tuple(r < length % n for length in dims), r)
+    return sorted(seen.values())

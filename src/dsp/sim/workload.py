@@ -87,6 +87,10 @@ class Workload:
         return isinstance(CONFIGS.get(self.model), (STDiTConfig, LatteConfig))
 
     @property
+    def is_evoformer(self) -> bool:
+        return isinstance(CONFIGS.get(self.model), EvoformerConfig)
+
+    @property
     def closed_form(self) -> bool:
         """Costed by the formulas: a video DiT, and for ``dsp`` the hand placement. On STDiT
         the planner's plan sends the same bytes over all ranks (where T shards less evenly
