@@ -31,9 +31,13 @@ def model_config(name: str, depth=None, hidden=None, heads=None) -> Dict[str, An
     """Constructor overrides of the tiny ``name`` for ``--depth/--hidden/--heads``."""
     if depth is None and hidden is None and heads is None:
         return {}
-    if name == "animatediff":
-        raise ValueError("--depth, --hidden and --heads do not apply to diffusers:animatediff")
-    default_heads, head_dim = {"latte": (2, 8), "wan": (3, 8)}[name]
+    shapes = {"latte": (2, 8), "wan": (3, 8)}  # the tiny configs' heads and head width
+    if name not in shapes:
+        raise ValueError(
+            f"--depth, --hidden and --heads apply to diffusers:latte and diffusers:wan, not "
+            f"diffusers:{name}"
+        )
+    default_heads, head_dim = shapes[name]
     heads = heads or default_heads
     hidden = hidden or heads * head_dim
     if hidden % heads:
