@@ -22,3 +22,14 @@ def test_simulate_search_names_the_mesh(capsys):
     argv = ["simulate", "--search", "--gpus", "16", "--frames", "512", "--cluster", "2x8xh100-ib"]
     assert main(argv + ["--activation-checkpointing", "--strategy", "dsp"]) == 0
     assert "best for stdit-xl/2 T=512 on 16 GPUs: dsp sp=" in capsys.readouterr().out
+
+
+def test_simulate_costs_every_model_and_says_what_cannot_run(capsys):
+    """The Evoformer (sized by --msa/--residues) under dsp; Ulysses on it: the engine's own
+    error in the table, exit status 1."""
+    argv = ["simulate", "--model", "evoformer-tiny", "--strategy", "dsp,ulysses", "--gpus", "2"]
+    argv += ["--msa", "6", "--residues", "10", "--cluster", "8xh100-nvlink"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "| evoformer-tiny | dsp | 2 | 2 x 1 | M=6 R=10 |" in out
+    assert "error: heads: module 'blocks.0.col_attn'" in out and "(use --strategy dsp)" in out
