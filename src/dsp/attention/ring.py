@@ -16,7 +16,8 @@ Bytes sent by rank ``r`` (``N`` ranks, block lengths ``L_j``, ``L = sum_j L_j``,
 element size of q/k/v, ``e_g = max(e, 4)`` the element size of the gradient accumulators,
 which are fp32 for half types; ``B`` batch, ``H`` heads, ``D`` head dim):
 
-* forward: at steps ``i = 0..N-2`` one ``send_recv`` of the kv block of rank ``(r - i) mod N``
+* forward: at steps ``i = 0..N-2`` one ``send_recv`` record (a
+  :func:`~dsp.comm.collectives.ring_shift`) of the kv block of rank ``(r - i) mod N``
   (k and v in one buffer), i.e. ``2 B H D e * sum_{i=0}^{N-2} L_{(r-i) mod N}``
   ``= 2 B H D e (L - L_{(r+1) mod N})``; ``N - 1`` records.
 * backward: the same ``N - 1`` kv transfers, plus at steps ``i = 0..N-1`` the dk/dv
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dsp.comm.collectives import send_recv
+from dsp.comm.collectives import ring_shift
 from dsp.mesh import GroupInfo, group_info
 
 if TYPE_CHECKING:
@@ -161,7 +162,7 @@ def _ring_blocks(kv: Tensor, sizes: Sequence[int], info: GroupInfo) -> Iterator[
         if i + 1 < n:
             b, _, h, d = kv.shape[1:]
             nxt = kv.new_empty((2, b, sizes[(owner - 1) % n], h, d))
-            works = send_recv(kv, (r + 1) % n, nxt, (r - 1) % n, info.group, tag=_TAG_KV)
+            works = ring_shift(kv, nxt, info.group, tag=_TAG_KV)  # to r + 1, from r - 1
         yield owner, kv
         for w in works:
             w.wait()
@@ -194,7 +195,7 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, dout: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
         info, sizes, scale = ctx.info, ctx.sizes, ctx.scale
-        n, r = info.size, info.rank
+        n = info.size
         acc = lse.dtype
         qa, da, oa = q.to(acc), dout.to(acc), out.to(acc)
         dq = torch.zeros_like(qa)
@@ -217,7 +218,7 @@ class _RingAttention(torch.autograd.Function):
                 dkv += dkv_in
             b, _, h, d = dkv.shape[1:]
             dkv_in = dkv.new_empty((2, b, sizes[(owner - 1) % n], h, d))
-            works = send_recv(dkv, (r + 1) % n, dkv_in, (r - 1) % n, info.group, tag=_TAG_DKV)
+            works = ring_shift(dkv, dkv_in, info.group, tag=_TAG_DKV)
         for w in works:  # the last one brings this rank's own block, complete
             w.wait()
         assert dkv_in is not None
