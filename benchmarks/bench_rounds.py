@@ -50,6 +50,16 @@ def merge(rows):
     med = statistics.median(times)
     row = dict(ok[0])
     flops = [r["cpu_flops_per_rank"] for r in ok if r.get("cpu_flops_per_rank")]
+    exposed = [
+        r["exposed_comm_s"]["median"] for r in ok if isinstance(r.get("exposed_comm_s"), dict)
+    ]
+    if exposed:  # the slowest rank's time blocked in collectives, median over rounds
+        row["exposed_comm_s"] = {
+            "median": statistics.median(exposed),
+            "min": min(exposed),
+            "max": max(exposed),
+            "all": exposed,
+        }
     row.update(
         repeats=len(times),
         step_time_s={"median": med, "min": min(times), "max": max(times), "all": times},

@@ -210,7 +210,9 @@ def predict_bench(data: dict, stat: str = "median") -> Tuple[List[dict], str]:
             c = bench_cluster(data["meta"], w.sp, eff, row.get("cpu_flops_per_rank"))
         pred = simulate(w, c, overlap_dp=False, attn_bwd=2.0)
         measured = row["step_time_s"][stat]
+        exposed = row.get("exposed_comm_s") or {}
         pred.update(
+            measured_exposed_comm_s=exposed.get(stat) if isinstance(exposed, dict) else exposed,
             measured_step_s=measured,
             predicted_step_s=pred["step_time_s"]["median"],
             error=None,
@@ -224,7 +226,9 @@ def predict_bench(data: dict, stat: str = "median") -> Tuple[List[dict], str]:
 
 
 def comparison(path: str, data: Optional[dict] = None, stat: str = "median") -> str:
-    """A markdown table: predicted vs measured step time per configuration of ``path``."""
+    """A markdown table: predicted vs measured step time per configuration of ``path`` (and
+    the communication time the run measured, ``exposed_comm_s``: the slowest rank's time
+    blocked in collectives, where the run has it)."""
     if data is None:
         with open(path) as f:
             data = json.load(f)
@@ -237,15 +241,16 @@ def comparison(path: str, data: Optional[dict] = None, stat: str = "median") -> 
         f"- step efficiency (step FLOP/s / matmul FLOP/s): {note}",
         "",
         "| strategy | N | T x H x W | compute rate from | GFLOP/s/rank | compute s | comm s | "
-        "predicted s | measured s | predicted / measured |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "measured comm s | predicted s | measured s | predicted / measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        got = r.get("measured_exposed_comm_s")
         lines.append(
             f"| {r['strategy']} | {r['world_size']} | {r['frames']}x{r['height']}x{r['width']} | "
             f"{r['compute_rate_from']} | {r['cpu_flops_per_rank'] / 1e9:.1f} | "
-            f"{r['compute_s']:.3f} | "
-            f"{r['exposed_comm_s']:.3f} | {r['predicted_step_s']:.3f} | "
+            f"{r['compute_s']:.3f} | {r['exposed_comm_s']:.3f} | "
+            f"{'' if got is None else f'{got:.3f}'} | {r['predicted_step_s']:.3f} | "
             f"{r['measured_step_s']:.3f} | {r['ratio']:.2f} |"
         )
     return "\n".join(lines) + "\n"
