@@ -115,7 +115,12 @@ def animatediff(channels, frames: int, h: int, w: int, device="cpu"):
 UNETS = ("svd", "animatediff")
 #: The baseline of a UNet: every temporal module gathers the frames (``whole``).
 WHOLE = {
-    "svd": {"*.*.resnets.*.temporal_res_block": "whole", "*.resnets.*.temporal_res_block": "whole"},
+    "svd": {
+        "*.*.resnets.*.temporal_res_block": "whole",
+        "*.resnets.*.temporal_res_block": "whole",
+        "*.*.attentions.*": "whole",
+        "*.attentions.*": "whole",
+    },
     "animatediff": {"*.*.motion_modules.*": "whole", "*.motion_modules.*": "whole"},
 }
 

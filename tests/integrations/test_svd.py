@@ -9,6 +9,13 @@ pytest.importorskip("diffusers")
 from tests.integrations import _svd  # noqa: E402
 
 
+def _part(module: str) -> str:
+    for part in ("temporal_res_block", "transformer_blocks", "attentions"):
+        if part in module:
+            return part
+    return module
+
+
 def _sent(results):
     return sum(r["sent"] for r in results)
 
@@ -18,16 +25,17 @@ def test_svd_unet_equals_one_process_with_frames_and_rows_sharded(pools, n):
     results = pools.run(n, _svd.equality)
     assert _sent(results) == results[0]["predicted"] > 0
     assert results[0]["grads"] > 50
-    kinds = {
-        (k, "temporal_res_block" if "temporal_res_block" in m else "attentions")
-        for k, m, _ in results[0]["kinds"]
-        if k != "local"
-    }
+    kinds = {(k, _part(m)) for k, m, _ in results[0]["kinds"] if k != "local"}
     # temporal ResNets on their own rows or columns (GroupNorm over frames and rows, summed
-    # over ranks); the spatio-temporal transformers whole (they number their own frames)
-    assert kinds == {("compute", "temporal_res_block"), ("whole", "attentions")}
+    # over ranks); the spatio-temporal transformers need every frame (they number them) and
+    # run on their rows, their spatial blocks switch to frames inside them: nothing whole
+    assert kinds == {
+        ("compute", "temporal_res_block"),
+        ("compute", "attentions"),
+        ("compute", "transformer_blocks"),
+    }
     shards = {s for k, m, s in results[0]["kinds"] if k == "compute"}
-    assert shards <= {"Ht", "Wt"}
+    assert shards <= {"Ht", "Wt", "Ha", "Wa", "F"}
 
 
 @pytest.mark.parametrize("n", [2, 3])

@@ -61,8 +61,11 @@ def check_plan(plan: Plan, model: nn.Module, decl: Optional[Declarations] = None
         moves = st.kind in ("compute", "relayout", "gather_output", "ring")
         if st.kind == "compute" and st.shard in decl.inner.get(st.module, ()):
             moves = False  # the module's own dim ('shard' declaration), not the stream's
-        _has(stream, st.compute + ((st.shard,) if st.shard and moves else ()), what)
-        if st.rest is not None and st.rest not in stream.seq:
+        mine = decl.own_compute.get(st.module, ())  # an enclosing stage's own dims
+        dims = tuple(d for d in st.compute if d not in mine)
+        _has(stream, dims + ((st.shard,) if st.shard and moves else ()), what)
+        own_rest = any(st.rest in decl.inner.get(o.module, ()) for o in plan.stages)
+        if st.rest is not None and st.rest not in stream.seq and not own_rest:
             raise PlanError(f"{what}: rest {st.rest!r} is not a sequence dim of {stream.seq}")
         if moves and st.shard is not None and st.shard not in stream.seq:
             raise PlanError(f"{what}: {st.shard!r} is not a sequence dim of {stream.seq}")
@@ -123,7 +126,8 @@ def validate(
 def _check_compute(st: Stage, stream: Stream, plan: Plan, decl, what: str, names) -> None:
     if not st.compute:
         raise PlanError(f"{what}: a compute stage names the dims it computes over")
-    _has(stream, st.compute, what)
+    mine = decl.own_compute.get(st.module, ())  # nested: an enclosing stage's own dims
+    _has(stream, tuple(d for d in st.compute if d not in mine), what)
     own = st.shard in decl.inner.get(st.module, ())  # runs on a dim of its own ('shard')
     if set(stream.seq) <= set(st.compute) and not own:
         raise PlanError(f"{what}: " + every_dim_message(st.module, st.compute, [stream]))

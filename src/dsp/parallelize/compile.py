@@ -182,25 +182,29 @@ def stage_hooks(i: int, st: Stage, plan: Plan, decl: Declarations) -> List[Hook]
 
 
 def _sliced_by(st: Stage, plan: Plan, decl: Declarations) -> Dict[Arg, str]:
-    """``{argument: dim}``: the companions the innermost enclosing stage of the stream sliced
-    on the dim it runs on, by argument name. A parent passes its per-frame conditioning down
-    under the same name (``temb``, ``image_only_indicator``), so those arrive sharded on that
-    dim: gathered where the module needs them whole, not split again. (Run time checks the
-    lengths: a companion that arrives whole after all fails loudly.)"""
+    """``{argument: dim}``: the companions of ``st`` that arrive sharded, and on which dim.
+
+    A parent stage passes its per-frame conditioning down under the same argument name
+    (``temb``, ``image_only_indicator``). Inside a stage, a companion it declares is sharded
+    on the dim the stage runs on if its layout has that dim, else whole; the innermost
+    enclosing stage that declares a name decides. Those that arrive sharded are gathered
+    where the module needs them whole, not split again (run time checks the lengths: a
+    companion that arrives whole after all fails loudly)."""
     around = [
         o
         for o in plan.stages
         if o.stream == st.stream and o.module and st.module.startswith(o.module + ".")
     ]
+    state: Dict[Arg, Optional[str]] = {}
     for outer in sorted(around, key=lambda o: -len(o.module)):
         runs_on = {"compute": outer.shard, "whole": None, "tp": None}.get(outer.kind, outer.rest)
         if runs_on is None:
-            return {}
+            break  # whole inside: everything it passes down is whole
         _, extra = decl.split_inputs(outer.module, plan.stream(outer.stream))
-        named = {k: runs_on for k, lay in extra.items() if isinstance(k, str) and runs_on in lay}
-        if named:
-            return named
-    return {}
+        for k, lay in extra.items():
+            if isinstance(k, str) and k not in state:
+                state[k] = runs_on if runs_on in lay else None
+    return {k: d for k, d in state.items() if d is not None}
 
 
 def encloses(module: str, s: Stream) -> bool:

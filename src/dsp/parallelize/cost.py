@@ -154,21 +154,29 @@ def _check_shard(dim: Optional[str], stream, trace: Trace, n: int, even_only: bo
         )
 
 
+def own_sizes(decl: Declarations, module: str, call: Call, trace: Trace) -> Dict[str, int]:
+    """The lengths of the dims of ``module``'s declared inputs at ``call`` (its own dims, such
+    as a UNet block's rows, whose length changes from call to call), with the trace's."""
+    sizes: Dict[str, int] = dict(trace.sizes)
+    for key, lay in (decl.inputs.get(module) or {}).items():
+        info = call.input(key)
+        if info is None:
+            continue
+        local = dict(sizes)
+        try:
+            lay.bind(info.shape, local, what=f"{module!r} input {key!r}")
+        except LayoutError:
+            continue
+        sizes.update(local)
+    return sizes
+
+
 def inner_size(
     decl: Declarations, module: str, dim: str, call: Call, trace: Trace
 ) -> Optional[int]:
     """The length of a module's own shard dim (its ``shard`` declaration) at ``call``, from
     the recorded input whose declared layout has it (None if that input was not recorded)."""
-    for key, lay in (decl.inputs.get(module) or {}).items():
-        info = call.input(key)
-        if dim in lay.names and info is not None:
-            sizes: Dict[str, int] = dict(trace.sizes)
-            try:
-                lay.bind(info.shape, sizes, what=f"{module!r} input {key!r}")
-            except LayoutError:
-                continue
-            return sizes.get(dim)
-    return None
+    return own_sizes(decl, module, call, trace).get(dim)
 
 
 def region_calls(trace: Trace, s) -> Tuple[Call, Call]:
@@ -287,11 +295,15 @@ def simulate(
             for s in plan.streams:
                 if call.module == s.entry and call.start == live[s.name][0]:
                     rest[s.name] = s.shard
+        seeded = dict(sizes)  # the own dims of the stages this call runs inside
+        for c, st in active:
+            if decl.inner.get(st.module) and c is not call:
+                seeded.update(own_sizes(decl, st.module, c, trace))
         for hook in by_module.get(call.module, ()):
             if (hook.side == "post") != bool(post):
                 continue
             _in_region(hook, call, plan, live)
-            f, b = hook_bytes(hook, call, trace, n, sizes)
+            f, b = hook_bytes(hook, call, trace, n, seeded)
             cost.add(hook.acts[0].label, f, b)
         if not post:
             for i, st in stages.get(call.module, ()):
@@ -306,8 +318,10 @@ def simulate(
                         raise _rest_error(i, st, rest[st.stream])
                     rest[st.stream] = st.shard
                 elif st.kind != "gather_output":
-                    if st.rest != rest[st.stream]:
-                        raise _rest_error(i, st, rest[st.stream])
+                    here = _effective(st.stream, rest, active)  # inside an enclosing stage
+                    here = rest[st.stream] if here == "attention" else here
+                    if st.rest != here:
+                        raise _rest_error(i, st, here)
                     if st.kind == "compute" and st.shard in decl.inner.get(st.module, ()):
                         _check_inner(i, st, decl, call, trace, n, even_only)
                     active.append((call, st))
@@ -401,6 +415,16 @@ def _effective(stream: str, rest, active) -> Optional[str]:
 
 
 def _check_call(call: Call, decl: Declarations, plan: Plan, stages, rest, active, live, trace):
+    mine = decl.own_compute.get(call.module, ())
+    if mine:  # needs an enclosing stage's own dims whole: not while that stage runs on them
+        for s in plan.streams:
+            cur = _effective(s.name, rest, active)
+            if cur in mine and _inside(call.start, live[s.name]):
+                raise PlanError(
+                    f"module {call.module!r} computes over {mine}, but the plan leaves stream "
+                    f"{s.name!r} sharded on {cur!r} when it runs; add a stage for it that "
+                    "shards another dim"
+                )
     own = decl.compute.get(call.module)
     if not own:
         return

@@ -78,6 +78,7 @@ class Declarations:
     sdpa: Dict[str, Layout] = field(default_factory=dict)
     buffers: Dict[str, Dict[str, Layout]] = field(default_factory=dict)
     inner: Dict[str, Tuple[str, ...]] = field(default_factory=dict)  # module -> own shard dims
+    own_compute: Dict[str, Tuple[str, ...]] = field(default_factory=dict)  # of an ancestor's
     norms: Dict[str, Layout] = field(default_factory=dict)
     subtree: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
     boundaries: Dict[str, List[str]] = field(default_factory=dict)  # stream -> block modules
@@ -140,7 +141,8 @@ def _read_entry(decl: Declarations, name: str, entry: Mapping[str, Any]) -> None
             f"known: {list(KEYS)}"
         )
     if "compute" in entry:
-        dims = _dims(entry["compute"])
+        dims = entry["compute"]
+        dims = _dims(dims.split() if isinstance(dims, str) else dims)
         if dims:
             decl.compute[name] = dims
         else:
@@ -222,6 +224,7 @@ def read_declarations(
         for b in bufs:
             if not hasattr(modules[name], b):
                 raise PlanError(f"module {name or '<root>'!r} has no parameter or buffer {b!r}")
+    _own_compute(decl, streams)
     acc: Dict[str, List[str]] = {n: [] for n in order}
     for name in order:  # union of own dims over each subtree, dims in order of first use
         parts = name.split(".") if name else []
@@ -229,6 +232,30 @@ def read_declarations(
             acc[a] += [d for d in decl.compute.get(name, ()) if d not in acc[a]]
     decl.subtree = {n: tuple(v) for n, v in acc.items()}
     return decl
+
+
+def _own_compute(decl: Declarations, streams: Sequence[Stream]) -> None:
+    """Move compute dims that are an ancestor's own shard dims (``shard``) out of
+    ``decl.compute`` into ``decl.own_compute``: a child of a module that may run on its rows
+    (``Ha``) and that needs those rows whole (a spatial attention inside it) is a *nested*
+    stage, planned with its ancestor."""
+    seq = {d for s in streams for d in s.seq}
+    for name, dims in list(decl.compute.items()):
+        own = [d for d in dims if d not in seq]
+        if not own:
+            continue
+        parts = name.split(".")
+        ancestors = {".".join(parts[:i]) for i in range(len(parts))}
+        offered = {d for a in ancestors for d in decl.inner.get(a, ())}
+        lost = [d for d in own if d not in offered]
+        if lost:
+            continue  # stage_modules names the module and the dims no stream has
+        decl.own_compute[name] = tuple(own)
+        rest = tuple(d for d in dims if d in seq)
+        if rest:
+            decl.compute[name] = rest
+        else:
+            del decl.compute[name]
 
 
 def _check_arguments(decl: Declarations, modules) -> None:

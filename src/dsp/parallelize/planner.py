@@ -37,6 +37,7 @@ from dsp.parallelize.cost import (
     imbalance,
     inner_size,
     legal,
+    own_sizes,
     region_calls,
     simulate,
 )
@@ -70,6 +71,7 @@ class Recording:
     decl: Declarations
     trace: Trace
     stages: Dict[str, Tuple[str, Tuple[str, ...]]]  # module -> (stream, compute dims)
+    nested: Dict[str, Tuple[str, ...]] = field(default_factory=dict)  # stage -> inner modules
 
     def cost(self, plan: Plan, world_size: int, *, even_only: bool = False) -> PlanCost:
         """Dry-run ``plan``: check it and count its bytes (see :func:`simulate`)."""
@@ -146,7 +148,12 @@ def record(
         trace = trace_model(model, inputs, streams, buffers=buffers, layouts=decl)
     called = {c.module for c in trace.calls}
     stages = stage_modules(model, decl, streams, called)
-    return Recording(streams, decl, trace, stages)
+    nested = {
+        outer: tuple(m for m in decl.own_compute if m.startswith(outer + ".") and m in called)
+        for outer in stages
+        if decl.inner.get(outer)
+    }
+    return Recording(streams, decl, trace, stages, {k: v for k, v in nested.items() if v})
 
 
 def plan_model(
@@ -238,24 +245,59 @@ class _Search:
             and legal(self.size(d), self.n, self.even_only)
         ]
 
-    def bytes_of(self, st: Stage, call: Call, operands=()):
+    def bytes_of(self, st: Stage, call: Call, operands=(), outer: Optional[Tuple] = None):
         """What ``st`` costs at ``call`` with its operands' gathers: forward + backward bytes,
-        or the sum of ``price(act, fwd, bwd)`` over its collectives when a price is given."""
+        or the sum of ``price(act, fwd, bwd)`` over its collectives when a price is given.
+        ``outer``: ``(stage, call)`` of the stage it is nested in."""
         total = 0
+        rest = outer[0].rest if outer else st.rest
         around = [  # the local stages around it: they slice the companions it receives
-            Stage(m, st.stream, kind="local", rest=st.rest)
+            Stage(m, st.stream, kind="local", rest=rest)
             for m in self.locals
             if st.module.startswith(m + ".") and m
-        ]
+        ] + ([outer[0]] if outer else [])
         plan = Plan(self.rec.streams, tuple(around)) if around else self.bare
+        sizes = None
+        if outer:  # the lengths of the enclosing stage's own dims at its call
+            sizes = own_sizes(self.rec.decl, outer[0].module, outer[1], self.rec.trace)
         hooks = [(h, call) for h in stage_hooks(0, st, plan, self.rec.decl)]
         for op in operands:
             g = Stage(op.module, _op_stream(self.rec, op), kind="gather_output", shard="_")
             hooks += [(h, op) for h in stage_hooks(0, g, self.bare, self.rec.decl)]
         for hook, at in hooks:
-            for act, f, b in act_costs(hook, at, self.rec.trace, self.n):
+            for act, f, b in act_costs(hook, at, self.rec.trace, self.n, sizes):
                 total += f + b if self.price is None else self.price(act, f, b)
         return total
+
+    def nested(self, st: Stage, site: _Site, stream: Stream):
+        """``(bytes, stages)`` of the stages nested in ``st`` when it runs on a dim of its own
+        that modules inside it need whole (each runs on the stream dim that costs least,
+        switching from ``st``'s dim and back); ``None`` if one of them cannot run."""
+        inner = self.rec.nested.get(st.module, ())
+        if st.kind != "compute" or st.shard not in self.rec.decl.inner.get(st.module, ()):
+            return 0, []
+        total, out = 0, []
+        calls = [c for c in self.rec.trace.calls if c.module in inner and _contains(site.call, c)]
+        for module in dict.fromkeys(c.module for c in calls):
+            mine = self.rec.decl.own_compute[module]
+            if st.shard not in mine:
+                continue
+            best = None
+            exclude = self.rec.decl.compute.get(module, ())
+            for d in self.legal_dims(stream, exclude=exclude):
+                cand = Stage(module, stream.name, mine + exclude, d, "compute", rest=st.shard)
+                b = sum(
+                    self.bytes_of(cand, c, outer=(st, site.call))
+                    for c in calls
+                    if c.module == module
+                )
+                if best is None or b < best[0]:
+                    best = (b, cand)
+            if best is None:
+                return None
+            total += best[0]
+            out.append(best[1])
+        return total, out
 
     def run(self, sites: List[_Site]) -> Tuple[Cost, List]:
         self.locals = {s.module or s.call.module for s in sites if s.kind == "local"}
@@ -374,7 +416,10 @@ class _Search:
             )
         out = []
         for st in cands:
-            b = self.bytes_of(st, site.call, _gathered(st, site.operands, self.rec))
+            inner = self.nested(st, site, stream)
+            if inner is None:
+                continue
+            b = self.bytes_of(st, site.call, _gathered(st, site.operands, self.rec)) + inner[0]
             length = (
                 self.own_size(module, st.shard, site.call)
                 if st.shard in own
@@ -383,7 +428,7 @@ class _Search:
                 else None
             )
             imb = imbalance(length, self.n) if length is not None else Fraction(0)
-            out.append((state, (b, imb, RANK[st.kind]), ("stage", st, site, state)))
+            out.append((state, (b, imb, RANK[st.kind]), ("stage", st, site, state, inner[1])))
         return out
 
     def own_size(self, module: str, dim: str, call: Call) -> int:
@@ -435,6 +480,7 @@ class _Search:
             else:
                 st = choice[1]
                 stages.append(st)
+                stages += choice[4] if len(choice) > 4 else []  # stages nested in it
                 if len(choice) > 2:
                     for op in _gathered(st, choice[2].operands, self.rec):
                         shard = _operand_shard(st, op, self.rec, self.order, choice[3])

@@ -73,13 +73,15 @@ class Runtime:
         persist = act.op == "bind" or act.label.startswith("split ")
         sizes = self.sizes if persist else dict(self.sizes)
         src = None if whole else act.src
-        if src is not None and src not in self.sizes:  # a stage's own dim: learned at its input
-            sizes.update({d: self.inner[d] for d in _fold_of(lay, src) if d in self.inner})
+        for d in (src, act.dst):  # a stage's own dim (and its fold): learned at its input
+            fold = _fold_of(lay, d) if d is not None and d not in self.sizes else ()
+            if d == src or len([f for f in fold if f not in self.sizes]) > 1:
+                sizes.update({f: self.inner[f] for f in fold if f in self.inner})
         self.bind(lay, x, src, what, sizes)
         if act.op == "bind":
             return x
-        if act.op == "switch" and act.dst not in self.sizes:  # remember it for the way back
-            self.inner.update({d: sizes[d] for d in _fold_of(lay, act.dst)})
+        if act.op == "switch" and act.dst not in self.sizes:  # remember them for the way back
+            self.inner.update({d: sizes[d] for d in lay.names if d not in self.sizes})
         u = lay.unfold(x, sizes, None if whole else act.src, n, self.info.rank)
         if act.op == "split":  # whole -> shard; backward keeps this rank's part
             y = split(u, lay.index(act.dst), g, grad_mode="shard")

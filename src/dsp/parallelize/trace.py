@@ -351,11 +351,15 @@ def _bind_all(pending, sizes: Dict[str, int], keep) -> None:
                 else:
                     raise PlanError(str(e)) from None
         if len(left) == len(todo):
-            lay, shape, what = left[0]
-            try:
-                lay.bind(shape, sizes, what=what)
-            except LayoutError as e:
-                raise PlanError(str(e)) from None
+            # folds of a module's own dims (a block's rows and columns) are learned where the
+            # stage that owns them binds its input; only the streams' dims must resolve here
+            left = [p for p in left if set(p[0].names) & set(keep) - set(sizes)]
+            if left:
+                lay, shape, what = left[0]
+                try:
+                    lay.bind(shape, sizes, what=what)
+                except LayoutError as e:
+                    raise PlanError(str(e)) from None
         todo = left
 
 

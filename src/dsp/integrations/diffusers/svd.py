@@ -13,9 +13,12 @@ image_only_indicator.shape[-1]``. The stream is the activation from ``conv_in`` 
 * temporal ResNets (a ``(3, 1, 1)`` convolution over frames, ``GroupNorm`` over frames and
   rows) run on a shard of their own rows or columns (``Ht``/``Wt``): one switch in, one
   back, the norms' statistics summed over the ranks, the per-frame embedding gathered;
-* the spatio-temporal transformers compute frame positions from their local frame count in
-  their own forward (``arange(num_frames)``), so they must see every frame: they run
-  ``whole`` (frames gathered in, this rank's frames kept of the output; N x their compute).
+* the spatio-temporal transformers number the frames they see in their own forward
+  (``arange(num_frames)``), so they must see every frame: each runs on a shard of its own
+  rows or columns (``Ha``/``Wa``; per-frame ``GroupNorm`` statistics summed over ranks,
+  image embedding and indicator gathered), and its spatial blocks, which attend over rows
+  and columns, are *nested* stages inside it that switch from its rows to frames and back.
+  Nothing runs whole.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from dsp.parallelize.args import Args
 
 CLASS = "UNetSpatioTemporalConditionModel"
 SUMMARY = (
-    "spatial ResNets and convolutions on frame shards; temporal ResNets on row shards (one "
-    "switch in, one back; GroupNorm statistics summed over ranks); spatio-temporal "
-    "transformers whole (their forward numbers the frames it sees)"
+    "spatial ResNets and convolutions on frame shards; temporal ResNets and spatio-temporal "
+    "transformers on row shards (GroupNorm statistics summed over ranks), their spatial "
+    "attention blocks switched back to frame shards inside them"
 )
 
 
@@ -74,5 +77,14 @@ def declarations(model):
                     "image_only_indicator": "B F",
                 },
                 "output": {0: "(B F) Ca Ha Wa"},  # called with return_dict=False: a tuple
+                "shard": "Ha Wa",
+                "norm": "(B F) Ca Ha Wa",
+            }
+            declare[f"{name}.attentions.*.transformer_blocks.*"] = {
+                "compute": "Ha Wa",
+                "inputs": {
+                    "hidden_states": "(B F) (Ha Wa) Ct",
+                    "encoder_hidden_states": "(B F) L E",
+                },
             }
     return streams, declare
