@@ -350,6 +350,13 @@ def _check_inner(i: int, st: Stage, decl: Declarations, call: Call, trace, n, ev
             f"at this call, too short to shard over {n} ranks"
             + (" evenly" if even_only and length >= n else "")
         )
+    norms = trace.norms_inside(call)
+    if norms and st.module not in decl.norms:  # they may reduce over the dim it runs on
+        raise PlanError(
+            f"stage {i} (compute {st.module!r}) runs sharded on its own dim {st.shard!r}, and "
+            f"{len(norms)} group_norm call(s) run inside it: declare their input layout "
+            f"('norm', e.g. 'B C F H W') so their statistics are summed over the ranks"
+        )
 
 
 def _inside(clock: int, span: Tuple[int, int]) -> bool:
