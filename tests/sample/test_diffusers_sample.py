@@ -34,18 +34,23 @@ def latte_dir(tmp_path_factory):
     )
     pipe.save_pretrained(root / "pipe")
     g = torch.Generator().manual_seed(4)
-    torch.save(torch.randn(1, 7, 16, generator=g, dtype=torch.float64), root / "emb.pt")
-    torch.save(torch.randn(1, 7, 16, generator=g, dtype=torch.float64), root / "neg.pt")
+    emb, neg = (torch.randn(1, 7, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    torch.save(emb, root / "emb.pt")
+    torch.save(neg, root / "neg.pt")
+    torch.save({"prompt_embeds": emb, "negative_prompt_embeds": neg}, root / "both.pt")
     return root
 
 
-def _args(root, out, world):
+def _args(root, out, world, *extra, text=None, name=None):
+    name = name or str(world)
+    text = text or ["--prompt-embeds", str(root / "emb.pt"), "--negative-prompt-embeds",
+                    str(root / "neg.pt")]  # fmt: skip
     return [
-        "sample", "--diffusers", str(root / "pipe"), "--world-size", str(world),
-        "--prompt-embeds", str(root / "emb.pt"), "--negative-prompt-embeds", str(root / "neg.pt"),
+        "sample", "--diffusers", str(root / "pipe"), "--world-size", str(world), *text,
         "--frames", "5", "--height", "16", "--width", "24", "--steps", "2", "--cfg-scale", "4",
-        "--dtype", "float64", "--out", str(out / f"video{world}.gif"),
-        "--save-tensor", str(out / f"frames{world}.pt"), "--json", str(out / f"run{world}.json"),
+        "--dtype", "float64", "--out", str(out / f"video{name}.gif"),
+        "--save-tensor", str(out / f"frames{name}.pt"), "--json", str(out / f"run{name}.json"),
+        *extra,
     ]  # fmt: skip
 
 
@@ -88,3 +93,14 @@ def test_bad_paths_classes_and_prompts_fail_with_what_to_do(latte_dir, tmp_path,
     # guidance without negative embeddings and no text encoder: named before the denoiser runs
     assert main(["sample", "--diffusers", pipe, "--prompt-embeds", str(latte_dir / "emb.pt")]) == 2
     assert "--negative-prompt-embeds" in capsys.readouterr().err
+
+
+def test_cfg_parallel_with_a_dict_of_embeddings_writes_one_process_frames(latte_dir, tmp_path):
+    # 2 ranks: the unconditional and the conditional half of each call on one rank each
+    assert main(_args(latte_dir, tmp_path, 1)) == 0
+    both = ["--prompt-embeds", str(latte_dir / "both.pt")]  # a dict of pipeline inputs
+    assert main(_args(latte_dir, tmp_path, 2, "--cfg-parallel", text=both, name="cfg")) == 0
+    saved = torch.load(tmp_path / "framescfg.pt")
+    assert saved["layout"]["cfg"] == 2 and saved["layout"]["sp"] == 1
+    torch.testing.assert_close(saved["frames"], torch.load(tmp_path / "frames1.pt")["frames"],
+                               atol=1e-9, rtol=0)  # fmt: skip
