@@ -11,6 +11,7 @@ Launch:
 Examples:
   dsp train --sp 4 --steps 50 --ckpt-dir ckpt --save-every 10
   dsp train --sp 2 --steps 80 --ckpt-dir ckpt --resume      # continue, any layout
+  dsp train --model diffusers:latte --dp 2 --sp 2            # diffusers' Latte, unchanged
 """
 
 from __future__ import annotations
