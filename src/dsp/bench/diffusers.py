@@ -91,8 +91,9 @@ def setup(cfg) -> Tuple[nn.Module, Callable[[], torch.Tensor], torch.Tensor, _Ha
         example = (*(_meta(a) for a in args), {k: _meta(v) for k, v in kwargs.items()})
         handle = parallelize(model, strategy=cfg.strategy, example_inputs=example, **cfg.options)
     g = torch.Generator().manual_seed(2)
-    x = args[0]
-    target = torch.randn(x.shape[0], model.config.out_channels, *x.shape[2:], generator=g)
+    shape = list(args[0].shape)  # (B, C, F, H, W); SVD's sample is (B, F, C, H, W)
+    shape[2 if name == "svd" else 1] = model.config.out_channels
+    target = torch.randn(shape, generator=g)
 
     def forward() -> torch.Tensor:
         return model(*args, **kwargs)[0]

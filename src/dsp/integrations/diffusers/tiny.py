@@ -157,8 +157,58 @@ def animatediff(
     return Tiny(model, (x,), {"timestep": t, "encoder_hidden_states": text})
 
 
+def svd(
+    *,
+    dtype: torch.dtype = torch.float64,
+    batch: int = 2,
+    frames: int = 5,
+    height: int = 8,
+    width: int = 6,
+    text_len: int = 1,
+    config: Optional[Dict[str, Any]] = None,
+    seed: int = 0,
+) -> Tiny:
+    """``UNetSpatioTemporalConditionModel`` (SVD): 2 resolutions of 32 channels (its temporal
+    ResNets hard-code 32 norm groups), 2 heads; the sample is ``(B, F, 8, H, W)`` (latents
+    and the conditioning image's latents), the image embedding ``(B, 1, 16)``. Weights
+    diffusers initializes to zero (the temporal mixing) get small random values, so every
+    path carries a gradient."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    kw = dict(
+        in_channels=8,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        block_out_channels=(32, 32),
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=12,
+        layers_per_block=1,
+        cross_attention_dim=16,
+        num_attention_heads=(2, 2),
+        num_frames=frames,
+    )
+    kw.update(config or {})
+    torch.manual_seed(seed)
+    model = _cast(UNetSpatioTemporalConditionModel(**kw), dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, dtype=dtype, device=p.device) * 0.02)
+    x, image, t = _inputs(batch, kw["in_channels"], frames, height, width, text_len,
+                          kw["cross_attention_dim"], dtype)  # fmt: skip
+    x = x.transpose(1, 2).contiguous()  # SVD takes (B, F, C, H, W)
+    ids = torch.tensor([[6.0, 127.0, 0.02]] * batch, dtype=dtype)
+    kwargs = {"timestep": t.to(dtype), "encoder_hidden_states": image, "added_time_ids": ids}
+    return Tiny(model, (x,), kwargs)
+
+
 #: name -> builder (keyword options above) of a :class:`Tiny`.
-TINY: Dict[str, Callable[..., Tiny]] = {"latte": latte, "wan": wan, "animatediff": animatediff}
+TINY: Dict[str, Callable[..., Tiny]] = {
+    "latte": latte,
+    "wan": wan,
+    "animatediff": animatediff,
+    "svd": svd,
+}
 
 
 #: How the command line names them: ``diffusers:latte`` (dsp bench, dsp train).
