@@ -3,10 +3,9 @@ same bytes and against DeepSpeed-Ulysses' layout functions, on one process (no n
 
 Cases are Ulysses' two all-to-alls on ``(B, S, H, D)`` tensors (DeepSpeed's layout,
 ``batch_dim_idx=0``): q/k/v sequence -> heads (DeepSpeed ``scatter_idx=2``) and the
-attention output heads -> sequence (``scatter_idx=1``); the first again on the
-``(B, H, S, D)`` views of the same memory that the engine's heads stage receives from
-``scaled_dot_product_attention`` (DeepSpeed columns: its functions on the memory, as it is
-called before the transpose); plus q, k, v packed into one buffer
+attention output heads -> sequence (``scatter_idx=1``), exactly as the engine's heads stage
+switches them (it receives sdpa's ``(B, H, S, D)`` views of the projections' ``(B, S, H, D)``
+and switches them in that memory order); plus q, k, v packed into one buffer
 (``switch_many``, the ``qkv_one_all_to_all`` option) against three plain copies. Pack is what
 runs before the all-to-all, unpack what runs after it on the received buffer of this rank.
 Times are medians of interleaved runs (every variant sees the same load), one thread.
@@ -74,18 +73,6 @@ def cases(b: int, s: int, h: int, d: int, n: int, ds) -> Dict[str, Dict[str, Cal
         )
         seq_in["ds_unpack"] = lambda: post(recv_ds)
     out["q/k/v seq->heads"] = seq_in
-    # the same switch as the engine's heads stage sees it: sdpa's (B, H, S/N, D) views of the
-    # same (B, S/N, H, D) memory (DeepSpeed, called before the transpose, gets the memory)
-    xv = x.transpose(1, 2)
-    recv_v = torch.randn(b * h_r * s * d)
-    engine = {
-        "ours_pack": lambda: _pack([xv], 1, [shard_sizes(h, n)], n),
-        "ours_unpack": lambda: _unpack(recv_v, [[b, h_r, s, d]], 2, [shard_sizes(s, n)], n),
-        "clone": lambda: xv.clone(),
-    }
-    if ds is not None:
-        engine["ds_pack"], engine["ds_unpack"] = seq_in["ds_pack"], seq_in["ds_unpack"]
-    out["q/k/v seq->heads, sdpa view"] = engine
     # attention output, heads -> sequence: this rank holds (B, S, H/N, D), gets (B, S/N, H, D)
     o = torch.randn(b, s, h_r, d)
     recv_o = torch.randn(b * s_r * h * d)

@@ -171,14 +171,26 @@ class Runtime:
         return self._ring(lay, (q, k, v), src, self.group, lens, sz)
 
     def _heads_in(self, lay, qkv, src, group, src_size, sz):
-        """q, k, v sharded on ``src`` -> sharded on heads: one switch each, or one for all."""
+        """q, k, v sharded on ``src`` -> sharded on heads: one switch each, or one for all.
+
+        Switched with ``src`` moved just before ``H``: sdpa's ``(B, H, L, D)`` are views of
+        the projections' ``(B, L, H, D)``, so the pack copies whole rows of heads and the
+        unpack's blocks are whole rows of the output (none at B = 1), as in DeepSpeed's
+        layout; the results are views in sdpa's order, as the single-device code has them.
+        """
         us = [t.reshape([_dim(d, src, sz) for d in lay.dims]) for t in qkv]
         i, h = lay.index(src), lay.index("H")
+        perm = list(range(len(lay.dims)))
+        if i > h:
+            perm.insert(h, perm.pop(i))  # (.., H, .., L, ..) -> (.., L, H, .., ..)
+        us = [u.permute(perm) for u in us]
+        i, h = perm.index(i), perm.index(h)
         if self.qkv_one_all_to_all:
             ys = switch_many(us, i, h, group, src_size=src_size)
         else:
             ys = [switch(u, i, h, group, src_size=src_size) for u in us]
-        return [lay.fold(y) for y in ys]
+        inv = [perm.index(d) for d in range(len(perm))]
+        return [lay.fold(y.permute(inv)) for y in ys]
 
     def _heads_out(self, lay, out, src, group, src_len, sz):
         """Heads-sharded output (``src`` of length ``src_len``) back to ``src``-sharded."""
