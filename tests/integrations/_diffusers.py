@@ -36,7 +36,11 @@ def animatediff():
     return _tiny("animatediff")
 
 
-MODELS = {"latte": latte, "wan": wan, "animatediff": animatediff}
+def svd():
+    return _tiny("svd")
+
+
+MODELS = {"latte": latte, "wan": wan, "animatediff": animatediff, "svd": svd}
 
 
 def _mean(t):

@@ -12,41 +12,15 @@ import torch
 import torch.distributed as dist
 
 import dsp
-from dsp.integrations.diffusers import parallelize
+from dsp.integrations.diffusers import parallelize, tiny
 
 B, F, H, W = 2, 5, 8, 6
 
 
 def svd(frames: int = F, dtype=torch.float64):
-    from diffusers import UNetSpatioTemporalConditionModel
-
-    torch.manual_seed(0)
-    model = UNetSpatioTemporalConditionModel(
-        in_channels=8,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-        block_out_channels=(32, 32),
-        addition_time_embed_dim=4,
-        projection_class_embeddings_input_dim=12,
-        layers_per_block=1,
-        cross_attention_dim=16,
-        num_attention_heads=(2, 2),
-        num_frames=frames,
-    ).to(dtype)
-    with torch.no_grad():  # diffusers zero-inits the temporal mixing; make every path count
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, dtype=dtype) * 0.02)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(B, frames, 8, H, W, generator=g, dtype=dtype)
-    image = torch.randn(B, 1, 16, generator=g, dtype=dtype)
-    ids = torch.tensor([[6.0, 127.0, 0.02]] * B, dtype=dtype)
-    kwargs = {
-        "timestep": torch.tensor([3.0, 500.0]),
-        "encoder_hidden_states": image,
-        "added_time_ids": ids,
-    }
-    return model, (x, kwargs)
+    """The tiny SVD UNet of dsp.integrations.diffusers.tiny and one call's inputs."""
+    model, args, kwargs = tiny.build("svd", dtype=dtype, batch=B, frames=frames, height=H, width=W)
+    return model, (*args, kwargs)
 
 
 def _mean(t):

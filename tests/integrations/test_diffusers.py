@@ -83,7 +83,7 @@ def test_wan_side_by_side_with_diffusers_own_context_parallelism(pools):
     assert theirs - ours == tokens * (16 * 8 - 24 * 4) * (n - 1) // n
 
 
-@pytest.mark.parametrize("name", ["latte", "animatediff"])
+@pytest.mark.parametrize("name", ["latte", "animatediff", "svd"])
 def test_diffusers_own_context_parallelism_does_not_apply_to_factorized_models(pools, name):
     (error, _) = pools.run(2, _diffusers.diffusers_own, name)
     assert "`cp_plan` must be provided" in error

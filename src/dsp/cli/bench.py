@@ -31,7 +31,8 @@ def add_parser(sub) -> None:
         type=names,
         default=["stdit-tiny"],
         help="model config name(s), comma-separated (see dsp.models.list_models), or "
-        "diffusers:latte, diffusers:wan, diffusers:animatediff (diffusers' own models, tiny "
+        "diffusers:latte, diffusers:wan, diffusers:animatediff, diffusers:svd (diffusers' own "
+        "models, tiny "
         "random configs, unchanged; megatron_sp does not apply to them)",
     )
     p.add_argument(
