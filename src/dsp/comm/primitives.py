@@ -140,6 +140,9 @@ def _pack(
         x = xs[0]
         inner = math.prod(_block_shape(x.shape, [dst], [1]))  # elements per dst row
         return x.reshape(-1), [d * inner for d in dst_sizes[0]]
+    if len(xs) == 1 and len(set(dst_sizes[0])) == 1:  # (.., N * d, ..) -> (N, .., d, ..)
+        send = xs[0].unflatten(dst, (n, dst_sizes[0][0])).movedim(dst, 0).contiguous()
+        return send.view(-1), [send.numel() // n] * n
     if _even(xs[0].shape, xs, dst_sizes):  # one strided copy per tensor into (N, T, *block)
         d = dst_sizes[0][0]
         block = _block_shape(xs[0].shape, [dst], [d])
