@@ -185,6 +185,9 @@ def _unpack(
     """
     if len(shapes) == 1 and math.prod(shapes[0][:src]) == 1:
         return [recv.view(list(shapes[0]))]
+    if len(shapes) == 1 and len(set(src_sizes[0])) == 1:  # (N, .., s, ..) -> (.., N * s, ..)
+        block = _block_shape(shapes[0], [src], [src_sizes[0][0]])
+        return [recv.view(n, *block).movedim(0, src).reshape(list(shapes[0]))]
     if _even(shapes[0], shapes, src_sizes):  # one strided copy per tensor from (N, T, *block)
         block = _block_shape(shapes[0], [src], [src_sizes[0][0]])
         view = recv.view(n, len(shapes), *block)
