@@ -62,7 +62,9 @@ def latte(
     config: Optional[Dict[str, Any]] = None,
     seed: int = 0,
 ) -> Tiny:
-    """``LatteTransformer3DModel``: 2 spatial + 2 temporal blocks, 2 heads of 8, text of 16."""
+    """``LatteTransformer3DModel``: 2 spatial + 2 temporal blocks, 2 heads of 8, text of 16;
+    timestep-modulated blocks (``ada_norm_single``, as the released Latte-1), so the per-row
+    timesteps the blocks receive are used."""
     from diffusers import LatteTransformer3DModel
 
     kw = dict(
@@ -76,6 +78,7 @@ def latte(
         video_length=frames,  # the frame-position table: one row per frame
         caption_channels=16,
         cross_attention_dim=16,
+        norm_type="ada_norm_single",
     )
     kw.update(config or {})
     torch.manual_seed(seed)
