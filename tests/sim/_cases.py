@@ -106,7 +106,9 @@ def generic_inputs(name, model, shape):
 def measure_many(cases):
     """This rank's bytes and saved activations (the model's own attention core), and FLOPs
     (torch.utils.flop_counter, attention as matmuls so that it counts them) for each
-    ``(model, strategy, shape, options)``: two real fp32 steps each."""
+    ``(model, strategy, shape, options)``: two real fp32 steps each. ``options`` go to the
+    strategy, except ``"checkpoint": True``: activation checkpointing as ``dsp train`` applies
+    it (:func:`dsp.train.wrap.apply_activation_checkpointing`)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from dsp.models import CONFIGS
@@ -123,7 +125,13 @@ def measure_many(cases):
                     if hasattr(m, "core"):
                         m.core = core
             x = inputs(model, shape) if dit else generic_inputs(name, model, shape)
-            get_strategy(strategy, **(options or {})).apply(model, x)
+            opts = dict(options or {})
+            ac = opts.pop("checkpoint", False)
+            get_strategy(strategy, **opts).apply(model, x)
+            if ac:
+                from dsp.train.wrap import apply_activation_checkpointing
+
+                apply_activation_checkpointing(model)
             with dsp.comm_log() as log, FlopCounterMode(display=False) as fc:
                 with saved_activations(model.parameters()) as saved:
                     y = model(*x)

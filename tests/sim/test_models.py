@@ -156,6 +156,28 @@ def test_engine_on_meta_equals_the_closed_forms(strategy, n):
     assert auto_total == total
 
 
+def test_activation_checkpointing_matches_a_checkpointed_run(pools):
+    """As dsp train checkpoints (each block recomputed in backward, its hooks included): the
+    cost model's bytes equal dsp.comm_log's, its FLOPs the counter's within 5%, for an
+    engine-costed model and a closed form, every rank, N = 2."""
+    n = 2
+    cases = [
+        ("axial-tiny", "dsp", AXIAL, {"checkpoint": True}),
+        ("evoformer-tiny", "dsp", EVO, {"checkpoint": True}),
+        ("stdit-tiny", "dsp", DIT, {"checkpoint": True, "plan": "hand"}),
+    ]
+    measured = pools.run(n, _cases.measure_many, cases)
+    for i, (name, strategy, shape, options) in enumerate(cases):
+        plan = {"plan": options["plan"]} if "plan" in options else {}
+        w = _workload(name, strategy, shape, n, {"activation_checkpointing": True, **plan})
+        for r in range(n):
+            got, want = sp_bytes(w, r), measured[r][i]
+            what = f"{name} N={n} rank {r}"
+            assert (got["forward"], got["backward"]) == (want["forward"], want["backward"]), what
+            flops = step_flops(w, r, attn_bwd=2.0)["total"]
+            assert flops == pytest.approx(want["flops"], rel=0.05), what
+
+
 def test_activation_checkpointing_keeps_block_inputs():
     """Engine-costed: checkpointing keeps less, recomputes the blocks' forward (FLOPs and
     the collectives inside them, issued again in backward)."""
