@@ -21,18 +21,19 @@ SHAPES = {  # uneven over 2, 3 and 4 ranks, every sequence dim >= 4
 }
 
 
-def make_inputs(name: str, model, seed: int = 0):
-    """Float64 inputs; the float ones require grad (their gradients are compared)."""
+def make_inputs(name: str, model, seed: int = 0, shape=None):
+    """Float64 inputs; the float ones require grad (their gradients are compared).
+    ``shape``: other sizes than :data:`SHAPES`."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
 
     if name.startswith("evoformer"):
-        m, r = SHAPES[name]
+        m, r = shape or SHAPES[name]
         c = model.config
         return (randn(1, m, r, c.c_m), randn(1, r, r, c.c_z))
-    t, h, w = SHAPES[name]
+    t, h, w = shape or SHAPES[name]
     if name.startswith("axial"):
         return (randn(1, model.config.in_channels, t, h, w),)
     c = model.config
@@ -64,7 +65,7 @@ def _mean(t):
     return t / dist.get_world_size()
 
 
-def equality(name: str, which: str = "planner", atol: float = 1e-9):
+def equality(name: str, which: str = "planner", atol: float = 1e-9, shape=None):
     """Output, every parameter gradient and the input gradients equal one process.
 
     Returns this rank's measured bytes and the dry run's prediction (all ranks together).
@@ -73,7 +74,7 @@ def equality(name: str, which: str = "planner", atol: float = 1e-9):
     torch.manual_seed(0)
     model = build_model(name).double()
     ref = copy.deepcopy(model)
-    inputs = make_inputs(name, model)
+    inputs = make_inputs(name, model, shape=shape)
     g = torch.Generator().manual_seed(1)
     weights = [
         torch.randn(o.shape, generator=g, dtype=torch.float64) for o in _outputs(ref(*inputs))
@@ -81,7 +82,10 @@ def equality(name: str, which: str = "planner", atol: float = 1e-9):
     outs_ref, grads_ref = run(ref, inputs, weights)
 
     rec = P.record(model, inputs)
-    plan = rec.plan(n) if which == "planner" else hand_plan(model)
+    if which.startswith("chunks:"):  # the planner's plan, switches overlapped in k slices
+        plan = rec.plan(n, chunks=int(which.split(":")[1]))
+    else:
+        plan = rec.plan(n) if which == "planner" else hand_plan(model)
     predicted = rec.cost(plan, n)
     handle = dsp.parallelize(model, plan)
     with dsp.comm_log() as log:

@@ -67,9 +67,9 @@ class Parallelized:
         for hook in self.hooks:
             mod = mods[hook.module]
             args = Args(mod)
-            inside = tuple(a for a in hook.acts if a.op in ("attend", "norm", "buffers"))
+            inside = tuple(a for a in hook.acts if a.op in ("attend", "norm", "buffers", "chunked"))
             if inside and hook.side == "pre":  # around the module's own forward (see _Around)
-                self.handles.append(_Around(mod, inside, rt))
+                self.handles.append(_Around(mod, inside, rt, args))
             hook = Hook(hook.module, hook.side, tuple(a for a in hook.acts if a not in inside))
             if not hook.acts:
                 continue
@@ -169,9 +169,11 @@ class _Around:
     *inside* the forward: a recomputation by activation checkpointing (which re-runs the
     forward, not the hooks around it) does the same. Removed with the other hooks."""
 
-    def __init__(self, mod: nn.Module, acts, rt: Runtime):
+    def __init__(self, mod: nn.Module, acts, rt: Runtime, sig: Args):
         self.mod = mod
         inner = mod.forward
+        chunked = next((a for a in acts if a.op == "chunked"), None)
+        acts = tuple(a for a in acts if a is not chunked)
 
         @functools.wraps(inner)
         def forward(*args, **kwargs):
@@ -183,6 +185,8 @@ class _Around:
                     else:
                         rt.slice_buffer(mod, act)
                     entered.append(act)
+                if chunked is not None:  # slices switched and computed in turn, overlapped
+                    return rt.chunked(chunked, inner, sig, args, kwargs)
                 return inner(*args, **kwargs)
             finally:
                 for act in reversed(entered):

@@ -17,6 +17,8 @@ gather         sharded ``src`` -> whole (exit)        this rank's slice, times N
 allgather      sharded ``src`` -> whole (operand)     reduce-scatter (sum)
 reducescatter  partial sums -> shard of ``dst``       all-gather
 attend         attentions inside run as ``heads`` / ``ring`` / ``usp`` over ``src``
+chunked        ``degree`` slices of ``dst``: each switched ``src -> dst``, computed and
+               switched back, the transfers overlapping the other slices' compute
 norm           group norms inside, sharded on ``src``: statistics summed over ranks
 buffers        attributes sliced to ``dst`` while the module runs (restored after)
 bind           learn dim sizes from a whole input (no data moves)
@@ -50,6 +52,8 @@ class Act:
     kind: str = ""  # attend: heads | ring | usp; allgather: "companion" (may be absent)
     degree: Optional[int] = None  # attend usp: the Ulysses degree
     bias: Optional[str] = None  # reducescatter: the row-parallel Linear whose bias follows
+    out: Optional[Layout] = None  # chunked: the output's layout (switched back per chunk)
+    parts: Tuple[Tuple[Arg, Layout], ...] = ()  # chunked: companions sliced per chunk
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,8 @@ def stage_hooks(i: int, st: Stage, plan: Plan, decl: Declarations) -> List[Hook]
                 post.append(Act("split", k, lay, None, r, label))
             elif st.kind == "tp":
                 post.append(Act("reducescatter", k, lay, None, r, label, bias=_row_of(st, plan)))
+    if st.chunks and st.chunks > 1:
+        pre, post = _chunked(st, label, pre, post, decl, plan)
     hooks = []
     if pre:
         hooks.append(Hook(st.module, "pre", tuple(pre)))
@@ -205,6 +211,46 @@ def _sliced_by(st: Stage, plan: Plan, decl: Declarations) -> Dict[Arg, str]:
             if isinstance(k, str) and k not in state:
                 state[k] = runs_on if runs_on in lay else None
     return {k: d for k, d in state.items() if d is not None}
+
+
+def _chunked(
+    st: Stage, label: str, pre: List[Act], post: List[Act], decl: Declarations, plan: Plan
+):
+    """The acts of a compute stage run in ``st.chunks`` overlapped slices: one ``chunked``
+    act in place of its switch in and its switch back."""
+    inner = [o.module for o in plan.stages if o.module.startswith(st.module + ".")]
+    if inner:  # their acts would see a slice's shard, not the dim's
+        raise PlanError(
+            f"{label} ({st.module!r}): chunks={st.chunks} needs a stage with no stages inside "
+            f"it; it holds {inner}"
+        )
+    switch_in = [a for a in pre if a.op == "switch"]
+    switch_out = [a for a in post if a.op == "switch" and a.key is None]
+    gathered = {a.key for a in pre if a.op == "allgather"}
+    parts = [a for a in pre if a.op == "split" and a.dst == st.shard and a.key not in gathered]
+    if len(switch_in) != 1 or len(pre) != 1 + len(parts) or len(switch_out) != 1 or len(post) != 1:
+        others = sorted({a.op for a in pre + post if a not in parts} - {"switch"})
+        raise PlanError(
+            f"{label} ({st.module!r}): chunks={st.chunks} needs a stage whose only acts are one "
+            f"switch of its input and one of its output; it has "
+            + (f"{others} too" if others else f"{len(pre)} in and {len(post)} out")
+            + " (companions or buffers on the dim it runs on, norms, a tuple output)"
+        )
+    if st.shard in decl.inner.get(st.module, ()):
+        raise PlanError(f"{label} ({st.module!r}): chunks apply to stages on a stream's dims")
+    a, b = switch_in[0], switch_out[0]
+    act = Act(
+        "chunked",
+        a.key,
+        a.layout,
+        a.src,
+        a.dst,
+        label,
+        degree=st.chunks,
+        out=b.layout,
+        parts=tuple((p.key, p.layout) for p in parts),
+    )
+    return [act], []
 
 
 def encloses(module: str, s: Stream) -> bool:
@@ -270,6 +316,26 @@ def _switch_bytes(shape: Tuple[int, ...], lay: Layout, src: str, dst: str, n: in
     rest = numel // (li * lj)
     kept = rest * sum(a * b for a, b in zip(shard_sizes(li, n), shard_sizes(lj, n)))
     return e * (numel - kept)
+
+
+def chunks_of(length: int, k: int) -> List[int]:
+    """Lengths of the ``k`` slices of a chunked stage's dim (even, the first ones longer)."""
+    return shard_sizes(length, k)
+
+
+def chunked_bytes(
+    act: Act, x: TensorInfo, out: TensorInfo, sizes: Dict[str, int], n: int
+) -> Tuple[int, int]:
+    """``(forward, backward)`` bytes all ranks send for a ``chunked`` act: every slice
+    switched in and back (``sizes`` bound from both tensors)."""
+    if n == 1:
+        return 0, 0
+    fwd = 0
+    for piece in chunks_of(sizes[act.dst], act.degree):
+        local = dict(sizes, **{act.dst: piece})
+        for lay, e in ((act.layout, x.itemsize), (act.out, out.itemsize)):
+            fwd += _switch_bytes(lay.unfolded(local), lay, act.src, act.dst, n, e)
+    return fwd, fwd if x.grad else 0
 
 
 def act_bytes(act: Act, info: TensorInfo, sizes: Dict[str, int], n: int) -> Tuple[int, int]:

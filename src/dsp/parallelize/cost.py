@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from dsp.layout import LayoutError
-from dsp.parallelize.compile import Act, Hook, act_bytes, compile_plan, encloses
+from dsp.parallelize.compile import (
+    Act,
+    Hook,
+    act_bytes,
+    chunked_bytes,
+    compile_plan,
+    encloses,
+)
 from dsp.parallelize.declared import Declarations
 from dsp.parallelize.norms import norm_bytes
 from dsp.parallelize.plan import RUNS, Plan, PlanError, Stage
@@ -94,6 +101,18 @@ def act_costs(hook: Hook, call: Call, trace: Trace, n: int, sizes: Optional[Dict
     sizes = dict(trace.sizes) if sizes is None else sizes
     for act in hook.acts:
         if act.op == "buffers":
+            continue
+        if act.op == "chunked":
+            x, out = call.input(act.key), call.output(None)
+            if x is None or out is None:
+                raise PlanError(f"{call.module!r}: a chunked stage needs its input and output")
+            local = dict(sizes)
+            _bind(act, x, local, f"{call.module!r} input {act.key!r}")
+            try:
+                act.out.bind(out.shape, local, what=f"{call.module!r} output")
+            except LayoutError as e:
+                raise PlanError(str(e)) from None
+            yield (act, *chunked_bytes(act, x, out, local, n))
             continue
         if act.op == "norm":
             if trace.declared:

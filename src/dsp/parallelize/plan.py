@@ -149,7 +149,10 @@ class Stage:
     ``rest`` is the stream's resting dim when the module runs (where a switch starts and
     returns); it is filled in from the stream's entry shard when a stream has no relayout.
     ``degree``: the Ulysses degree of a ``usp`` stage; ``out_rest``: where ``out_stream``
-    rests when the module writes into it (filled in likewise).
+    rests when the module writes into it (filled in likewise). ``chunks``: a ``compute``
+    stage runs its module on that many slices of ``shard``, the switch of each slice
+    overlapping the compute of the one before (and the switch back likewise; forward and
+    backward; :func:`~dsp.parallelize.runtime.Runtime.chunked`). 1 or None: blocking.
     """
 
     module: str
@@ -162,9 +165,15 @@ class Stage:
     rest: Optional[str] = None
     degree: Optional[int] = None
     out_rest: Optional[str] = None
+    chunks: Optional[int] = None
 
     def __post_init__(self):
         object.__setattr__(self, "compute", _dims(self.compute))
+        if self.chunks is not None and (self.kind != "compute" or self.chunks < 1):
+            raise PlanError(
+                f"stage {self.module!r}: chunks (overlapped switches) apply to compute stages "
+                f"and must be >= 1, got chunks={self.chunks} on a {self.kind} stage"
+            )
         if self.kind not in KINDS:
             raise PlanError(
                 f"stage {self.module!r}: kind must be one of {KINDS}, got {self.kind!r}"
@@ -267,6 +276,8 @@ class Plan:
                 "usp": f"heads x ring ({st.degree})",
             }
             on = runs.get(st.kind, st.shard or "")
+            if st.chunks and st.chunks > 1:
+                on = f"{on} ({st.chunks} chunks)"
             rows.append(
                 [
                     i,

@@ -85,6 +85,7 @@ class Recording:
         kinds=None,
         overrides=None,
         price: Optional[Callable[[Act, int, int], float]] = None,
+        chunks: Optional[int] = None,
     ) -> Plan:
         """The plan with the fewest bytes (ties: the most even shards, the simpler kind).
 
@@ -96,6 +97,9 @@ class Recording:
         time on a described cluster: latency per message, the bandwidth of the link the
         group spans, all-to-all efficiency); default: its bytes. The search minimizes the
         sum; the plan's bytes are still checked against the dry run.
+        ``chunks``: run every compute stage that can (its only acts are the switch in and
+        back) in that many overlapped slices (``Stage.chunks``; fewer where its dim is too
+        short); the bytes change only by the uneven rounding of the slices.
         """
         search = _Search(
             self, world_size, even_only, kinds or ("compute", "heads", "ring", "whole")
@@ -107,6 +111,9 @@ class Recording:
         check = self.cost(plan, world_size, even_only=even_only).total
         if price is None and check != best_cost[0]:  # planner and dry run agree to the byte
             raise RuntimeError(f"dsp planner: planned {best_cost[0]} bytes, dry run {check}")
+        if chunks and chunks > 1:
+            plan = with_chunks(plan, self, world_size, chunks)
+            self.cost(plan, world_size, even_only=even_only)  # checked like any plan
         return plan
 
 
@@ -169,6 +176,28 @@ def plan_model(
     ``overrides`` as :meth:`Recording.plan`)."""
     rec = record(model, inputs, **options)
     return rec.plan(world_size, even_only=even_only, overrides=overrides)
+
+
+def with_chunks(plan: Plan, rec: Recording, n: int, k: int) -> Plan:
+    """``plan`` with ``chunks`` on every compute stage that can run overlapped (its only acts
+    are its switch in and back, on a stream dim): ``k``, or fewer where the dim holds fewer
+    than ``k`` slices of ``n`` rows."""
+    import dataclasses
+
+    stages = list(plan.stages)
+    for i, st in enumerate(stages):
+        if st.kind != "compute" or st.shard == st.rest or st.shard not in rec.trace.sizes_dict:
+            continue
+        c = min(k, rec.trace.size(st.shard) // n)
+        if c < 2:
+            continue
+        cand = dataclasses.replace(st, chunks=c)
+        try:
+            stage_hooks(i, cand, plan, rec.decl)
+        except PlanError:
+            continue  # companions, buffers or norms on its dim: stays blocking
+        stages[i] = cand
+    return Plan(plan.streams, tuple(stages), plan.params)
 
 
 def _contains(outer: Call, inner: Call) -> bool:

@@ -22,6 +22,7 @@ from dsp.comm.seqpar import all_gather_seq, reduce_scatter_seq
 from dsp.comm.shards import shard_sizes
 from dsp.layout import Layout, LayoutError
 from dsp.mesh import group_info, split_group
+from dsp.parallelize.args import MISSING
 from dsp.parallelize.compile import Act
 from dsp.parallelize.norms import NormMode
 from dsp.parallelize.plan import PlanError
@@ -99,6 +100,80 @@ class Runtime:
             raise PlanError(f"unknown act {act.op!r}")
         y = lay.fold(y)
         return y + bias if bias is not None else y
+
+    # ------------------------------------------------------------------ overlap
+    def chunked(self, act: Act, inner, sig, args: tuple, kwargs: dict):
+        """Run ``inner`` (the module's forward) on ``act.degree`` slices of ``act.dst``.
+
+        Every slice's switch ``src -> dst`` is launched first; then per slice: wait for it,
+        compute, launch its switch back; finally wait for the switches back and concatenate.
+        Each transfer overlaps the compute of another slice, and autograd's reverse order
+        gives the backward the same overlap (:mod:`dsp.comm.overlap`). The module runs on a
+        shard of ``dst``, so it is independent along ``dst``: slicing it changes nothing.
+        """
+        from dsp.comm.overlap import launch_switch, wait_switch
+        from dsp.parallelize.compile import chunks_of
+
+        lay, src, dst = act.layout, act.src, act.dst
+        n, rank = self.info.size, self.info.rank
+        x = sig.get(args, kwargs, act.key)
+        sizes = dict(self.sizes)
+        self.bind(lay, x, src, f"{act.label} input {act.key!r}", sizes)
+        u = lay.unfold(x, sizes, src, n, rank)
+        i, j = lay.index(src), lay.index(dst)
+        src_sizes = shard_sizes(sizes[src], n)
+        pieces = chunks_of(sizes[dst], act.degree)
+        if min(pieces) < n:
+            raise PlanError(
+                f"{act.label}: {act.degree} chunks of {dst!r} (length {sizes[dst]}) leave a "
+                f"chunk of {min(pieces)} rows for {n} ranks; use at most "
+                f"{max(1, sizes[dst] // n)} chunks"
+            )
+        handles, start = [], 0
+        for p in pieces:
+            part = u.narrow(j, start, p)
+            handles.append(launch_switch(part, i, j, src_sizes, shard_sizes(p, n), self.info))
+            start += p
+        out, backs, start = act.out, [], 0
+        for p, handle in zip(pieces, handles):
+            a, kw = sig.set(args, kwargs, act.key, lay.fold(wait_switch(handle)))
+            a, kw = self._chunk_parts(act, sig, a, kw, start, p)
+            start += p
+            z = inner(*a, **kw)
+            osz = dict(self.sizes, **{dst: p})
+            self.bind(out, z, dst, f"{act.label} output", osz)
+            uz = out.unfold(z, osz, dst, n, rank)
+            back = launch_switch(
+                uz, out.index(dst), out.index(src), shard_sizes(p, n), src_sizes, self.info
+            )
+            backs.append(back)
+        parts = [wait_switch(h) for h in backs]
+        return out.fold(torch.cat(parts, dim=out.index(dst)))
+
+    def _chunk_parts(self, act: Act, sig, args, kwargs, start: int, length: int):
+        """The companions of a chunked stage, sliced to this rank's rows of the slice
+        ``[start, start + length)`` of ``act.dst`` (they arrive whole)."""
+        n, rank, dst = self.info.size, self.info.rank, act.dst
+        lens = shard_sizes(length, n)
+        begin = start + sum(lens[:rank])
+
+        def cut(lay: Layout, t: torch.Tensor, what: str) -> torch.Tensor:
+            sizes = dict(self.sizes)
+            self.bind(lay, t, None, what, sizes)
+            u = lay.unfold(t, sizes, None, 1, 0)
+            return lay.fold(u.narrow(lay.index(dst), begin, lens[rank]))
+
+        for key, lay in act.parts:
+            c = sig.get(args, kwargs, key)
+            if c is None or c is MISSING:
+                continue
+            what = f"{act.label} input {key!r}"
+            if isinstance(c, (tuple, list)):
+                c = type(c)(cut(lay, t, f"{what}[{i}]") for i, t in enumerate(c))
+            else:
+                c = cut(lay, c, what)
+            args, kwargs = sig.set(args, kwargs, key, c)
+        return args, kwargs
 
     # ------------------------------------------------------------------ buffers
     def slice_buffer(self, mod: nn.Module, act: Act) -> None:
