@@ -5,7 +5,7 @@ up and stores them in ``meta.link.per_world_size[N]``; ``dsp simulate --from-ben
 ring steps with them (:func:`dsp.sim.frombench.bench_cluster`):
 
 * ``ring_bytes_per_s``: every rank sends a block to rank ``r + 1`` while it receives one from
-  ``r - 1`` (ring attention's step with N > 2 ranks);
+  ``r - 1`` (ring attention's step with N > 2 ranks, moved as ring attention moves it);
 * ``pair_bytes_per_s``: every rank exchanges a block with rank ``r + N/2`` (send to and
   receive from the same peer: ring attention on 2 ranks, USP's ring across 2 rows).
 
@@ -29,19 +29,35 @@ from typing import Dict, List, Tuple
 
 
 def _spans(nbytes: int, peer: int, reps: int, skew: float) -> Tuple[int, List[Tuple[float, float]]]:
-    """Per rank: bytes sent per rep and each rep's (start, end); rank r starts r * skew late."""
+    """Per rank: bytes sent per rep and each rep's (start, end); rank r starts r * skew late.
+
+    A step moves the block the way ring attention does (``dsp.comm.collectives.ring_shift``:
+    one asynchronous all-to-all with one non-empty split each way, to ``r + 1`` of the ring's
+    group); a pair (``peer = N/2``) is a ring of the two ranks ``r`` and ``r + N/2``, as USP's
+    ring across 2 rows. Without ``ring_shift`` (older code): an isend/irecv pair."""
     import torch
     import torch.distributed as dist
 
     import dsp
-    from dsp.comm.collectives import send_recv
+    from dsp.comm import collectives
 
     r, n = dist.get_rank(), dist.get_world_size()
     send = torch.zeros(nbytes, dtype=torch.uint8)
     recv = torch.empty_like(send)
+    shift = getattr(collectives, "ring_shift", None)
+    group = None
+    if shift is not None and peer != 1:  # every rank creates every pair's group, in order
+        for i in range(peer):
+            g = dist.new_group([i, i + peer])
+            if r % peer == i:
+                group = g
 
     def step():
-        for w in send_recv(send, (r + peer) % n, recv, (r - peer) % n, tag="bench-p2p"):
+        if shift is not None:
+            works = shift(send, recv, group, tag="bench-p2p")
+        else:
+            works = collectives.send_recv(send, (r + peer) % n, recv, (r - peer) % n)
+        for w in works:
             w.wait()
 
     step()  # connections, TCP windows
