@@ -53,9 +53,15 @@ def environment() -> dict:
 
 def label(r: dict) -> str:
     """A result's strategy as reports name it: options that change how it communicates
-    are part of the name (``ulysses (qkv in one)``)."""
-    one = (r.get("options") or {}).get("qkv_one_all_to_all")
-    return r["strategy"] + (" (qkv in one)" if one else "")
+    are part of the name (``ulysses (qkv in one)``, ``dsp (2 chunks)``)."""
+    options = r.get("options") or {}
+    one = options.get("qkv_one_all_to_all")
+    chunks = options.get("chunks") or 1
+    return (
+        r["strategy"]
+        + (" (qkv in one)" if one else "")
+        + (f" ({chunks} chunks)" if chunks > 1 else "")
+    )
 
 
 def write_json(path: str, meta: dict, results: List[dict]) -> None:

@@ -67,6 +67,13 @@ def add_parser(sub) -> None:
         "(same bytes), or both (one row each)",
     )
     p.add_argument(
+        "--chunks",
+        type=ints,
+        default=[1],
+        help="dsp: run each compute stage in k overlapped slices (switches overlap compute, "
+        "forward and backward); a list adds one dsp row per k, e.g. 1,2,4 (1: blocking)",
+    )
+    p.add_argument(
         "--no-grad-sync",
         action="store_true",
         help="train: skip the gradient all-reduce after backward (the same for every "
@@ -146,6 +153,12 @@ def configs_from_args(args):
                 if c.strategy in ("ulysses", "usp")
                 else [c]
             )
+        ]
+    if args.chunks != [1]:
+        configs = [
+            expand(c, options=[{**c.options, "chunks": k}])[0] if k > 1 else c
+            for c in configs
+            for k in (args.chunks if c.strategy == "dsp" else [1])
         ]
     if args.single:
         configs += expand(

@@ -33,8 +33,9 @@ class Strategy:
     Options: ``plan`` (``dsp``: ``"auto"``, ``"hand"`` or a :class:`Plan`),
     ``ulysses_degree`` (``usp``), ``qkv_one_all_to_all`` (``ulysses``, ``usp``: move q, k, v
     to heads in one all-to-all, same bytes, instead of DeepSpeed's three; default ``False``),
-    ``declare`` and ``streams`` (the declarations of a model without attributes,
-    docs/parallelize.md).
+    ``chunks`` (``dsp``: run every compute stage that can in that many overlapped slices,
+    ``Stage.chunks``; default 1, blocking), ``declare`` and ``streams`` (the declarations of
+    a model without attributes, docs/parallelize.md).
     """
 
     def __init__(self, name: str, group: Optional[dist.ProcessGroup] = None, **options):
@@ -42,6 +43,11 @@ class Strategy:
             raise ValueError(
                 f"dsp {name}: qkv_one_all_to_all applies to ulysses and usp (their q, k, v "
                 "all-to-alls), not to this strategy"
+            )
+        if (options.get("chunks") or 1) > 1 and name != "dsp":
+            raise ValueError(
+                f"dsp {name}: chunks (overlapped switches) apply to dsp's compute stages, not "
+                "to this strategy"
             )
         self.name, self.group, self.options = name, group, options
         self.plan: Optional[Plan] = None
@@ -55,7 +61,10 @@ class Strategy:
             return None
         if self.name == "dsp":
             plan = load_plan(self.options.get("plan") or "auto")
-            return dsp_plan(model, n, plan=plan, example_inputs=example_inputs, **given)
+            chunks = self.options.get("chunks")
+            return dsp_plan(
+                model, n, plan=plan, example_inputs=example_inputs, chunks=chunks, **given
+            )
         if self.name == "megatron_sp":
             return megatron_plan(model, example_inputs=example_inputs, **given)
         kind = {"ulysses": "heads", "ring": "ring", "usp": "usp"}[self.name]

@@ -124,9 +124,12 @@ def dsp_plan(
     example_inputs: Any = None,
     declare=None,
     streams=None,
+    chunks: Optional[int] = None,
 ) -> Plan:
     """DSP: ``plan="auto"`` (the planner; needs ``example_inputs``), ``"hand"`` (the paper's
-    placement for the models in :mod:`dsp.models`), or a :class:`Plan`."""
+    placement for the models in :mod:`dsp.models`), or a :class:`Plan`. ``chunks``: the
+    planner's compute stages run in that many overlapped slices where they can (auto only;
+    a hand plan or a plan file says its own)."""
     if isinstance(plan, Plan):
         return plan
     if plan == "hand" or (plan == "auto" and example_inputs is None):
@@ -135,4 +138,5 @@ def dsp_plan(
         return hand_plan(model)
     if plan != "auto":
         raise ValueError(f"dsp: plan must be 'auto', 'hand' or a Plan, got {plan!r}")
-    return record(model, example_inputs, declare=declare, streams=streams).plan(world_size)
+    rec = record(model, example_inputs, declare=declare, streams=streams)
+    return rec.plan(world_size, chunks=chunks)
