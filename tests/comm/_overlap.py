@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 import dsp
 from dsp.comm.overlap import launch_switch, wait_switch

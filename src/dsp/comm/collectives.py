@@ -39,6 +39,7 @@ __all__ = [
     "exchange_ints",
     "send_recv",
     "ring_shift",
+    "all_to_all_async",
 ]
 
 
@@ -262,6 +263,41 @@ def ring_shift(
         )
     record("send_recv", n, e * send.numel(), e * recv.numel(), tag=tag)
     return [_TimedWork(work)]
+
+
+def all_to_all_async(
+    send: torch.Tensor,
+    send_splits: Sequence[int],
+    recv_splits: Sequence[int],
+    group: Optional[dist.ProcessGroup] = None,
+    *,
+    tag: str = "",
+):
+    """:func:`all_to_all` started, not finished: returns ``(out, work)``; ``out`` holds the
+    result once ``work.wait()`` returns (the wait is timed). Recorded when it starts. The work
+    keeps ``send`` alive until it completes."""
+    info = group_info(group)
+    e, r = send.element_size(), info.rank
+    out = torch.empty(sum(recv_splits), dtype=send.dtype, device=send.device)
+    out_b = out.view(torch.uint8) if out.dtype != torch.uint8 else out
+    send_b = _bytes(send)
+    with timed():
+        work = dist.all_to_all_single(
+            out_b,
+            send_b,
+            output_split_sizes=[s * e for s in recv_splits],
+            input_split_sizes=[s * e for s in send_splits],
+            group=group,
+            async_op=True,
+        )
+    record(
+        "all_to_all",
+        info.size,
+        e * (sum(send_splits) - send_splits[r]),
+        e * (sum(recv_splits) - recv_splits[r]),
+        tag=tag,
+    )
+    return out, _TimedWork(work)
 
 
 class _TimedWork:

@@ -16,8 +16,8 @@ wait            wait; unpack (the switched tensor)       pack the gradient; star
                                                         all-to-all ``dst->src``
 ==============  ======================================  ======================================
 
-Bytes are recorded when a transfer starts (as :func:`dsp.comm.collectives.all_to_all`
-does); the time spent waiting is recorded by :func:`dsp.comm.log.timed`.
+The transfers are :func:`dsp.comm.collectives.all_to_all_async`: bytes recorded when they
+start, the time spent waiting recorded by :func:`dsp.comm.log.timed`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ import math
 from typing import List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
-from dsp.comm.log import record, timed
+from dsp.comm import collectives as C
 from dsp.comm.primitives import _block_shape, _pack, _unpack
 from dsp.mesh import GroupInfo
 
@@ -54,25 +53,8 @@ def _start(x, src, dst, src_sizes, dst_sizes, info: GroupInfo, pending: Pending)
     shape = _block_shape(x.shape, [src, dst], [sum(src_sizes), dst_sizes[r]])
     inner = math.prod(_block_shape(shape, [src], [1]))
     recv_splits = [s * inner for s in src_sizes]
-    recv = torch.empty(sum(recv_splits), dtype=x.dtype, device=x.device)
-    e = x.element_size()
-    send = send.contiguous()
-    as_bytes = (lambda t: t.view(torch.uint8)) if x.dtype != torch.uint8 else (lambda t: t)
-    with timed():
-        pending.work = dist.all_to_all_single(
-            as_bytes(recv),
-            as_bytes(send),
-            output_split_sizes=[s * e for s in recv_splits],
-            input_split_sizes=[s * e for s in send_splits],
-            group=info.group,
-            async_op=True,
-        )
-    record(
-        "all_to_all",
-        n,
-        e * (sum(send_splits) - send_splits[r]),
-        e * (sum(recv_splits) - recv_splits[r]),
-        tag="switch",
+    recv, pending.work = C.all_to_all_async(
+        send, send_splits, recv_splits, info.group, tag="switch"
     )
     pending.recv, pending.keep, pending.shape = recv, [send, recv], shape
     pending.args = (src, src_sizes)
@@ -81,8 +63,7 @@ def _start(x, src, dst, src_sizes, dst_sizes, info: GroupInfo, pending: Pending)
 
 def _finish(pending: Pending) -> torch.Tensor:
     """Wait for the transfer and unpack it."""
-    with timed():
-        pending.work.wait()
+    pending.work.wait()  # timed
     src, src_sizes = pending.args
     out = _unpack(pending.recv, [pending.shape], src, [src_sizes], len(src_sizes))[0]
     pending.work, pending.keep = None, []
