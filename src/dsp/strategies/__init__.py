@@ -93,8 +93,12 @@ class Strategy:
         real shapes) and install the plan's hooks. Returns the model."""
         self.plan = self.make_plan(model, example_inputs)
         if self.plan is not None:
-            self.handle = parallelize(
-                model, self.plan, self.group, declare=self.options.get("declare")
+            self.handle = parallelize(  # with example inputs: dry-run first (every check)
+                model,
+                self.plan,
+                self.group,
+                example_inputs=example_inputs,
+                declare=self.options.get("declare"),
             )
             self.handle.runtime.qkv_one_all_to_all = bool(self.options.get("qkv_one_all_to_all"))
         return model

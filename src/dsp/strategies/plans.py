@@ -106,6 +106,11 @@ def megatron_plan(
     from dsp.models.plans import tp_styles
 
     rec = _recording(model, example_inputs, declare, streams)
+    if len(rec.streams) != 1:
+        raise PlanError(
+            f"megatron_sp: {type(model).__name__} has {len(rec.streams)} streams "
+            f"({[s.name for s in rec.streams]}); Megatron-SP shards one activation stream"
+        )
     (s,) = rec.streams
     regions = tp_styles(model)
     if not regions:
