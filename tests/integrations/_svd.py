@@ -1,4 +1,5 @@
-"""Per-rank bodies: diffusers' SVD UNet (UNetSpatioTemporalConditionModel), unchanged.
+"""Per-rank bodies: diffusers' SVD pipeline, unchanged (the UNet's equality with one
+process runs through ``_diffusers.equality("svd")``).
 
 A tiny random config (no downloads), fp64, B = 2, F = 5 frames of 8 x 6 latents (uneven
 over 2 and 3 ranks; rows 8, 4 at the two resolutions).
@@ -6,10 +7,7 @@ over 2 and 3 ranks; rows 8, 4 at the two resolutions).
 
 from __future__ import annotations
 
-import copy
-
 import torch
-import torch.distributed as dist
 
 import dsp
 from dsp.integrations.diffusers import parallelize, tiny
@@ -21,50 +19,6 @@ def svd(frames: int = F, dtype=torch.float64):
     """The tiny SVD UNet of dsp.integrations.diffusers.tiny and one call's inputs."""
     model, args, kwargs = tiny.build("svd", dtype=dtype, batch=B, frames=frames, height=H, width=W)
     return model, (*args, kwargs)
-
-
-def _mean(t):
-    t = t.clone()
-    dist.all_reduce(t)
-    return t / dist.get_world_size()
-
-
-def _run(model, inputs, w):
-    x = inputs[0].detach().clone().requires_grad_()
-    (out,) = model(x, **inputs[1], return_dict=False)
-    (out * w).sum().backward()
-    return out, x.grad
-
-
-def equality(strategy: str = "dsp", atol: float = 1e-9, frames: int = F):
-    """Output, every parameter gradient and the input gradient equal one process; returns
-    the bytes this rank sent, the dry run's total and the plan's stage kinds."""
-    model, inputs = svd(frames)
-    ref = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(2)
-    (out_ref,) = ref(inputs[0], **inputs[1], return_dict=False)
-    w = torch.randn(out_ref.shape, generator=g, dtype=out_ref.dtype)
-    out_ref, gx_ref = _run(ref, inputs, w)
-    handle = parallelize(model, strategy=strategy)
-    with dsp.comm_log() as log:
-        out, gx = _run(model, inputs, w)
-    handle.sync_grads()
-    torch.testing.assert_close(out, out_ref, atol=atol, rtol=0)
-    n_grads = 0
-    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
-        if b.grad is None:
-            assert a.grad is None, name
-            continue
-        torch.testing.assert_close(a.grad, b.grad, atol=atol, rtol=0, msg=name)
-        n_grads += 1
-    torch.testing.assert_close(_mean(gx), gx_ref, atol=atol, rtol=0)
-    return {
-        "sent": log.sent("forward") + log.sent("backward"),
-        "predicted": handle.dry_run().total,
-        "kinds": [(st.kind, st.module, st.shard) for st in handle.plan.stages],
-        "plan": str(handle.plan),
-        "grads": n_grads,
-    }
 
 
 # ----------------------------------------------------------------------------- pipeline

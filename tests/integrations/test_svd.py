@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from tests.integrations import _svd  # noqa: E402
+from tests.integrations import _diffusers, _svd  # noqa: E402
 
 
 def _part(module: str) -> str:
@@ -22,10 +22,10 @@ def _sent(results):
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_svd_unet_equals_one_process_with_frames_and_rows_sharded(pools, n):
-    results = pools.run(n, _svd.equality)
+    results = pools.run(n, _diffusers.equality, "svd")
     assert _sent(results) == results[0]["predicted"] > 0
     assert results[0]["grads"] > 50
-    kinds = {(k, _part(m)) for k, m, _ in results[0]["kinds"] if k != "local"}
+    kinds = {(k, _part(m)) for k, m in results[0]["kinds"] if k != "local"}
     # temporal ResNets on their own rows or columns (GroupNorm over frames and rows, summed
     # over ranks); the spatio-temporal transformers need every frame (they number them) and
     # run on their rows, their spatial blocks switch to frames inside them: nothing whole
@@ -34,8 +34,6 @@ def test_svd_unet_equals_one_process_with_frames_and_rows_sharded(pools, n):
         ("compute", "attentions"),
         ("compute", "transformer_blocks"),
     }
-    shards = {s for k, m, s in results[0]["kinds"] if k == "compute"}
-    assert shards <= {"Ht", "Wt", "Ha", "Wa", "F"}
 
 
 @pytest.mark.parametrize("n", [2, 3])

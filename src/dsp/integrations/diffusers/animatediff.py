@@ -14,7 +14,7 @@ resolution), one switch in and one back, with the norm's statistics summed over 
 
 from __future__ import annotations
 
-from dsp.parallelize import Stream
+from dsp.integrations.diffusers.unet import blocks, frame_stream
 from dsp.parallelize.args import Args
 
 CLASS = "UNetMotionModel"
@@ -26,25 +26,10 @@ SUMMARY = (
 
 def declarations(model):
     """``(streams, declare)`` for ``model``: the blocks' companions follow their signatures."""
-    streams = [
-        Stream(
-            "x",
-            "B F C H W",
-            entry="conv_in",
-            exit="conv_norm_out",
-            shard="F",
-            seq=("F",),
-            arg=0,
-            layout="(B F) C H W",
-            exit_arg=0,
-        )
-    ]
+    streams = [frame_stream()]
     declare = {"": {"inputs": {"sample": "B Cin F Hi Wi"}}}
-    blocks = [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
-    blocks += [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
-    blocks += ["mid_block"] if model.mid_block is not None else []
     modules = dict(model.named_modules())
-    for name in blocks:
+    for name in blocks(model):
         inputs = {"hidden_states": "(B F) Cb Hb Wb", "temb": "(B F) D"}
         if "encoder_hidden_states" in Args(modules[name]).positional:
             inputs["encoder_hidden_states"] = "(B F) L E"

@@ -23,7 +23,7 @@ image_only_indicator.shape[-1]``. The stream is the activation from ``conv_in`` 
 
 from __future__ import annotations
 
-from dsp.parallelize import Stream
+from dsp.integrations.diffusers.unet import blocks, frame_stream
 from dsp.parallelize.args import Args
 
 CLASS = "UNetSpatioTemporalConditionModel"
@@ -36,24 +36,10 @@ SUMMARY = (
 
 def declarations(model):
     """``(streams, declare)`` for ``model`` (any config: names follow its blocks)."""
-    streams = [
-        Stream(
-            "x",
-            "B F C H W",
-            entry="conv_in",
-            exit="conv_norm_out",
-            shard="F",
-            seq=("F",),
-            arg=0,
-            layout="(B F) C H W",
-            exit_arg=0,
-        )
-    ]
+    streams = [frame_stream()]
     declare = {"": {"inputs": {"sample": "B F Cin Hi Wi"}}}
-    blocks = [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
-    blocks += [f"up_blocks.{i}" for i in range(len(model.up_blocks))] + ["mid_block"]
     modules = dict(model.named_modules())
-    for name in blocks:
+    for name in blocks(model):
         inputs = {
             "hidden_states": "(B F) Cb Hb Wb",
             "temb": "(B F) D",
