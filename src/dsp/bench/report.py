@@ -86,6 +86,7 @@ def speedups(results: List[dict], base: str = "dsp") -> List[dict]:
                 out.append(
                     {
                         **{k: r[k] for k in key},
+                        "dsp": label(r),
                         "baseline": label(o),
                         "speedup": r["samples_per_s"] / o["samples_per_s"],
                         "bytes_ratio": (r["bytes_sent_forward"] + r["bytes_sent_backward"])
@@ -252,13 +253,14 @@ def markdown(meta: dict, results: List[dict], title: str = "dsp bench") -> str:
             "",
             "## DSP over each baseline",
             "",
-            "| N | T x H x W | baseline | throughput speedup | DSP bytes / baseline bytes |",
-            "|---|---|---|---|---|",
+            "| model | N | T x H x W | dsp | baseline | throughput speedup | "
+            "DSP bytes / baseline bytes |",
+            "|---|---|---|---|---|---|---|",
         ]
         for s in sp:
             lines.append(
-                f"| {s['world_size']} | {s['frames']}x{s['height']}x{s['width']} | "
-                f"{s['baseline']} | {s['speedup']:.2f}x | {s['bytes_ratio']:.3f} |"
+                f"| {s['model']} | {s['world_size']} | {s['frames']}x{s['height']}x{s['width']} "
+                f"| {s['dsp']} | {s['baseline']} | {s['speedup']:.2f}x | {s['bytes_ratio']:.3f} |"
             )
     ob = vs_serial_estimate(meta, results)
     if ob:

@@ -318,26 +318,6 @@ def _switch_bytes(shape: Tuple[int, ...], lay: Layout, src: str, dst: str, n: in
     return e * (numel - kept)
 
 
-def chunks_of(length: int, k: int) -> List[int]:
-    """Lengths of the ``k`` slices of a chunked stage's dim (even, the first ones longer)."""
-    return shard_sizes(length, k)
-
-
-def chunked_bytes(
-    act: Act, x: TensorInfo, out: TensorInfo, sizes: Dict[str, int], n: int
-) -> Tuple[int, int]:
-    """``(forward, backward)`` bytes all ranks send for a ``chunked`` act: every slice
-    switched in and back (``sizes`` bound from both tensors)."""
-    if n == 1:
-        return 0, 0
-    fwd = 0
-    for piece in chunks_of(sizes[act.dst], act.degree):
-        local = dict(sizes, **{act.dst: piece})
-        for lay, e in ((act.layout, x.itemsize), (act.out, out.itemsize)):
-            fwd += _switch_bytes(lay.unfolded(local), lay, act.src, act.dst, n, e)
-    return fwd, fwd if x.grad else 0
-
-
 def act_bytes(act: Act, info: TensorInfo, sizes: Dict[str, int], n: int) -> Tuple[int, int]:
     """``(forward, backward)`` bytes all ranks send for ``act`` on a tensor of full ``info``.
 

@@ -16,14 +16,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from dsp.layout import LayoutError
-from dsp.parallelize.compile import (
-    Act,
-    Hook,
-    act_bytes,
-    chunked_bytes,
-    compile_plan,
-    encloses,
-)
+from dsp.parallelize.chunks import chunked_bytes
+from dsp.parallelize.compile import Act, Hook, act_bytes, compile_plan, encloses
 from dsp.parallelize.declared import Declarations
 from dsp.parallelize.norms import norm_bytes
 from dsp.parallelize.plan import RUNS, Plan, PlanError, Stage

@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
+from dsp.parallelize.chunks import with_chunks
 from dsp.parallelize.compile import Act, exit_hook, stage_hooks
 from dsp.parallelize.cost import (
     PlanCost,
@@ -112,7 +113,7 @@ class Recording:
         if price is None and check != best_cost[0]:  # planner and dry run agree to the byte
             raise RuntimeError(f"dsp planner: planned {best_cost[0]} bytes, dry run {check}")
         if chunks and chunks > 1:
-            plan = with_chunks(plan, self, world_size, chunks)
+            plan = with_chunks(plan, self.trace, self.decl, world_size, chunks)
             self.cost(plan, world_size, even_only=even_only)  # checked like any plan
         return plan
 
@@ -176,28 +177,6 @@ def plan_model(
     ``overrides`` as :meth:`Recording.plan`)."""
     rec = record(model, inputs, **options)
     return rec.plan(world_size, even_only=even_only, overrides=overrides)
-
-
-def with_chunks(plan: Plan, rec: Recording, n: int, k: int) -> Plan:
-    """``plan`` with ``chunks`` on every compute stage that can run overlapped (its only acts
-    are its switch in and back, on a stream dim): ``k``, or fewer where the dim holds fewer
-    than ``k`` slices of ``n`` rows."""
-    import dataclasses
-
-    stages = list(plan.stages)
-    for i, st in enumerate(stages):
-        if st.kind != "compute" or st.shard == st.rest or st.shard not in rec.trace.sizes_dict:
-            continue
-        c = min(k, rec.trace.size(st.shard) // n)
-        if c < 2:
-            continue
-        cand = dataclasses.replace(st, chunks=c)
-        try:
-            stage_hooks(i, cand, plan, rec.decl)
-        except PlanError:
-            continue  # companions, buffers or norms on its dim: stays blocking
-        stages[i] = cand
-    return Plan(plan.streams, tuple(stages), plan.params)
 
 
 def _contains(outer: Call, inner: Call) -> bool:

@@ -112,7 +112,7 @@ class Runtime:
         shard of ``dst``, so it is independent along ``dst``: slicing it changes nothing.
         """
         from dsp.comm.overlap import launch_switch, wait_switch
-        from dsp.parallelize.compile import chunks_of
+        from dsp.parallelize.chunks import chunks_of
 
         lay, src, dst = act.layout, act.src, act.dst
         n, rank = self.info.size, self.info.rank
