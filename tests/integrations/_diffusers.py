@@ -62,7 +62,14 @@ def _run(model, inputs, w):
 GRAD_RTOL = {"latte": 0.0, "wan": 1e-6, "animatediff": 0.0, "svd": 0.0}
 
 
-def equality(name: str, strategy: str = "dsp", atol: float = 1e-9, frames: int = F, **options):
+def equality(
+    name: str,
+    strategy: str = "dsp",
+    atol: float = 1e-9,
+    frames: int = F,
+    checkpoint: bool = False,
+    **options,
+):
     """Output, every parameter gradient and the input gradient equal one process; returns
     this rank's bytes, the dry run's total and the plan's stage kinds."""
     model, inputs = latte(frames) if name == "latte" else MODELS[name]()
@@ -72,6 +79,8 @@ def equality(name: str, strategy: str = "dsp", atol: float = 1e-9, frames: int =
     w = torch.randn(out_ref.shape, generator=g, dtype=out_ref.dtype)
     ref.zero_grad()
     out_ref, gx_ref = _run(ref, inputs, w)
+    if checkpoint:  # diffusers' own activation checkpointing, per block, on the sharded model
+        model.enable_gradient_checkpointing()
     handle = parallelize(model, strategy=strategy, **options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

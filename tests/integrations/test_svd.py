@@ -36,6 +36,14 @@ def test_svd_unet_equals_one_process_with_frames_and_rows_sharded(pools, n):
     }
 
 
+def test_svd_unet_with_diffusers_gradient_checkpointing_equals_one_process(pools):
+    # diffusers checkpoints each spatial block inside a spatio-temporal transformer: their
+    # recomputation in backward switches from the transformer's rows again, at the sizes it
+    # used in the forward (not those of the last transformer the forward ran)
+    results = pools.run(2, _diffusers.equality, "svd", checkpoint=True)
+    assert results[0]["grads"] > 50
+
+
 @pytest.mark.parametrize("n", [2, 3])
 def test_svd_pipeline_returns_one_process_latents_on_every_rank(pools, n):
     results = pools.run(n, _svd.pipeline_frames)

@@ -77,7 +77,7 @@ class _Launch(torch.autograd.Function):
         pending.back = ctx.pending
         ctx.x_shape = x.shape
         send = _start(x, src, dst, src_sizes, dst_sizes, info, pending)
-        return send.new_empty(pending.recv.shape)  # stands for the transfer in the graph
+        return send.new_empty(1)  # stands for the transfer in the graph (no data)
 
     @staticmethod
     def backward(ctx, _g):

@@ -201,8 +201,14 @@ def _sliced_by(st: Stage, plan: Plan, decl: Declarations) -> Dict[Arg, str]:
         for o in plan.stages
         if o.stream == st.stream and o.module and st.module.startswith(o.module + ".")
     ]
+
+    def s_of(o: Stage) -> Stream:
+        return plan.stream(o.stream)
+
     state: Dict[Arg, Optional[str]] = {}
     for outer in sorted(around, key=lambda o: -len(o.module)):
+        if outer.kind in ("relayout", "gather_output") or encloses(outer.module, s_of(outer)):
+            continue  # they do not touch their companions (see stage_hooks)
         runs_on = {"compute": outer.shard, "whole": None, "tp": None}.get(outer.kind, outer.rest)
         if runs_on is None:
             break  # whole inside: everything it passes down is whole

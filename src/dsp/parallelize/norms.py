@@ -62,7 +62,7 @@ def group_norm_sharded(
     n, c = x.shape[0], x.shape[1]
     dt = stats_dtype(x.dtype)
     xg = x.reshape(n, num_groups, -1).to(dt)
-    count = torch.full((n, num_groups), float(xg.shape[-1]), dtype=dt)
+    count = torch.full((n, num_groups), float(xg.shape[-1]), dtype=dt, device=x.device)
     sums = _AllReduceSum.apply(torch.stack([xg.sum(-1), count]), group, tag)
     total = sums[1].detach()
     mean = sums[0] / total

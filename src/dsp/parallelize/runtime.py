@@ -45,12 +45,13 @@ class Runtime:
         self.info = group_info(group)
         self.sizes: Dict[str, int] = {}
         self.inner: Dict[str, int] = {}  # full lengths of stages' own shard dims (``shard``)
+        self.inner_at: Dict[str, Dict[str, int]] = {}  # ... as each act used them
         self.modes: List[Tuple[Act, TorchFunctionMode]] = []
         self.subgroups: Dict[int, tuple] = {}
 
     def reset(self, _mod, _args) -> None:
         """A new forward: forget sizes; undo what a forward that raised left behind."""
-        self.sizes, self.inner = {}, {}
+        self.sizes, self.inner, self.inner_at = {}, {}, {}
         while self.modes:
             self.modes.pop()[1].__exit__(None, None, None)
 
@@ -74,11 +75,18 @@ class Runtime:
         persist = act.op == "bind" or act.label.startswith("split ")
         sizes = self.sizes if persist else dict(self.sizes)
         src = None if whole else act.src
-        for d in (src, act.dst):  # a stage's own dim (and its fold): learned at its input
+        # a stage's own dims (and their folds), learned at its input: what this act used in
+        # this forward (a recomputation by activation checkpointing sees the same), else
+        # the latest switch onto them (the enclosing stage's)
+        known, seeded = self.inner_at.get(act.label) or self.inner, {}
+        for d in (src, act.dst):
             fold = _fold_of(lay, d) if d is not None and d not in self.sizes else ()
             if d == src or len([f for f in fold if f not in self.sizes]) > 1:
-                sizes.update({f: self.inner[f] for f in fold if f in self.inner})
+                seeded.update({f: known[f] for f in fold if f in known})
+        sizes.update(seeded)
         self.bind(lay, x, src, what, sizes)
+        if seeded:
+            self.inner_at.setdefault(act.label, {}).update(seeded)
         if act.op == "bind":
             return x
         if act.op == "switch" and act.dst not in self.sizes:  # remember them for the way back
