@@ -56,21 +56,24 @@ def _a2a(
     send_splits: Sequence[int],
     recv_splits: Sequence[int],
     group: Optional[dist.ProcessGroup],
-) -> torch.Tensor:
-    """Unrecorded uneven all-to-all of a flat buffer (splits in elements)."""
+    async_op: bool = False,
+):
+    """Unrecorded uneven all-to-all of a flat buffer (splits in elements); the output, or
+    ``(output, work)`` with ``async_op`` (the output is filled once the work completes)."""
     e = send.element_size()
     out = torch.empty(sum(recv_splits), dtype=send.dtype, device=send.device)
     out_b = out.view(torch.uint8) if out.dtype != torch.uint8 else out
     send_b = _bytes(send)
     with timed():
-        dist.all_to_all_single(
+        work = dist.all_to_all_single(
             out_b,
             send_b,
             output_split_sizes=[s * e for s in recv_splits],
             input_split_sizes=[s * e for s in send_splits],
             group=group,
+            async_op=async_op,
         )
-    return out
+    return (out, work) if async_op else out
 
 
 def all_to_all(
@@ -278,18 +281,7 @@ def all_to_all_async(
     keeps ``send`` alive until it completes."""
     info = group_info(group)
     e, r = send.element_size(), info.rank
-    out = torch.empty(sum(recv_splits), dtype=send.dtype, device=send.device)
-    out_b = out.view(torch.uint8) if out.dtype != torch.uint8 else out
-    send_b = _bytes(send)
-    with timed():
-        work = dist.all_to_all_single(
-            out_b,
-            send_b,
-            output_split_sizes=[s * e for s in recv_splits],
-            input_split_sizes=[s * e for s in send_splits],
-            group=group,
-            async_op=True,
-        )
+    out, work = _a2a(send, send_splits, recv_splits, group, async_op=True)
     record(
         "all_to_all",
         info.size,
