@@ -93,15 +93,15 @@ def all_to_all(
     if info.size == 1:
         return send.contiguous().reshape(-1).clone()
     out = _a2a(send, send_splits, recv_splits, group)
-    e, r = send.element_size(), info.rank
-    record(
-        "all_to_all",
-        info.size,
-        e * (sum(send_splits) - send_splits[r]),
-        e * (sum(recv_splits) - recv_splits[r]),
-        tag=tag,
-    )
+    _record_a2a(send, send_splits, recv_splits, info, tag)
     return out
+
+
+def _record_a2a(send, send_splits, recv_splits, info, tag: str) -> None:
+    """Record an all-to-all's bytes (everything but this rank's own split, each way)."""
+    e, r = send.element_size(), info.rank
+    sent, recv = sum(send_splits) - send_splits[r], sum(recv_splits) - recv_splits[r]
+    record("all_to_all", info.size, e * sent, e * recv, tag=tag)
 
 
 def all_gather(
@@ -279,16 +279,8 @@ def all_to_all_async(
     """:func:`all_to_all` started, not finished: returns ``(out, work)``; ``out`` holds the
     result once ``work.wait()`` returns (the wait is timed). Recorded when it starts. The work
     keeps ``send`` alive until it completes."""
-    info = group_info(group)
-    e, r = send.element_size(), info.rank
     out, work = _a2a(send, send_splits, recv_splits, group, async_op=True)
-    record(
-        "all_to_all",
-        info.size,
-        e * (sum(send_splits) - send_splits[r]),
-        e * (sum(recv_splits) - recv_splits[r]),
-        tag=tag,
-    )
+    _record_a2a(send, send_splits, recv_splits, group_info(group), tag)
     return out, _TimedWork(work)
 
 

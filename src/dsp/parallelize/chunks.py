@@ -47,7 +47,7 @@ def with_chunks(plan: Plan, trace: Trace, decl: Declarations, n: int, k: int) ->
     than ``k`` slices of ``n`` rows."""
     stages = list(plan.stages)
     for i, st in enumerate(stages):
-        if st.kind != "compute" or st.shard == st.rest or st.shard not in trace.sizes_dict:
+        if st.kind != "compute" or st.shard == st.rest or st.shard not in dict(trace.sizes):
             continue
         c = min(k, trace.size(st.shard) // n)
         if c < 2:

@@ -111,10 +111,6 @@ class Trace:
     def size(self, dim: str) -> int:
         return dict(self.sizes)[dim]
 
-    @property
-    def sizes_dict(self) -> Dict[str, int]:
-        return dict(self.sizes)
-
     def shape(self, stream: Stream) -> Tuple[int, ...]:
         """The stream's full shape at its entry."""
         return stream.entry_layout.full_shape(dict(self.sizes))
