@@ -14,8 +14,19 @@ rank 0 writes the frames. The text is --prompt (the pipeline's text encoder) or
 --prompt-embeds FILE.pt (torch.save of a (B, L, C) tensor, or of a dict of pipeline inputs;
 with --negative-prompt-embeds FILE.pt for classifier-free guidance without a text encoder).
 
+With --link ib (or nvlink, or a RATE such as 25MB/s) the spawned ranks talk over an emulated
+interconnect instead of loopback: each rank in its own network namespace behind a
+rate-limited veth (root and iproute2 needed), the rate calibrated exactly as `dsp bench
+--mode infer --link ib` calibrates it for the same model and latent size: DSP's
+communication:compute time ratio on this CPU equals the one `dsp simulate` predicts for
+STDiT-XL/2 (64 frames x 64x64 tokens, bf16, H100s at their achieved FLOP/s) over NDR
+InfiniBand (ib, 50 GB/s per GPU) or NVLink 4 (nvlink, 450 GB/s per GPU) on the same N.
+The latency table then stands for that cluster's; the video is unchanged.
+
 Examples:
   dsp sample --checkpoint ckpt --steps 10 --cfg-scale 4 --out video.gif
+  dsp sample --set hidden_size=256 --set num_heads=8 --frames 16 --height 64 --width 64 \
+      --world-size 2 --strategy ulysses --link ib --out video.gif   # random model, emulated IB
   dsp sample --checkpoint ckpt --world-size 4 --cfg-parallel --out video.gif   # 2 x sp 2
   torchrun --nproc-per-node 4 --no-python dsp sample --checkpoint ckpt --cfg-parallel
   dsp sample --diffusers path/to/latte --world-size 2 --prompt-embeds emb.pt \
@@ -25,13 +36,17 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from pathlib import Path
 
 from dsp.cli.errors import CommandError, add_job_flags, apply_timeout
 from dsp.cli.table import human_bytes, print_table
-from dsp.cli.train import run_job, set_threads, under_torchrun
+from dsp.cli.train import _override, run_job, set_threads, under_torchrun
+
+#: ``--link`` values that mean the plain loopback network (``none`` is ``dsp bench``'s word).
+LOOPBACK = ("loopback", "none")
 
 
 def add_parser(sub) -> None:
@@ -77,6 +92,24 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--model", default="stdit-tiny", help="random model without --checkpoint")
     p.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        type=_override,
+        action="append",
+        default=[],
+        help="random model config override, repeatable (e.g. --set hidden_size=256)",
+    )
+    p.add_argument(
+        "--link",
+        default="loopback",
+        help="loopback (default; also: none) | ib | nvlink | RATE (e.g. 25MB/s, 200mbit): the "
+        "spawned ranks' network, as dsp bench --link; ib and nvlink: emulated and calibrated "
+        "like dsp bench --mode infer for this model and size, so that DSP's "
+        "communication:compute time ratio is STDiT-XL/2's on H100s over that link (same N); "
+        "needs root and iproute2",
+    )
+    p.add_argument(
         "--out", default="video.gif", help="video path, .gif or .mp4 (default video.gif)"
     )
     p.add_argument("--fps", type=float, default=8.0, help="frames per second (default 8)")
@@ -101,9 +134,18 @@ def add_parser(sub) -> None:
         default=None,
         help="torch.save'd negative prompt embeddings (guidance without a text encoder)",
     )
-    g.add_argument("--frames", type=int, default=None, help="frames (default: the pipeline's)")
-    g.add_argument("--height", type=int, default=None, help="pixels (default: the pipeline's)")
-    g.add_argument("--width", type=int, default=None, help="pixels (default: the pipeline's)")
+    g.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="frames (default: the pipeline's; a random --model: 8)",
+    )
+    g.add_argument(
+        "--height", type=int, default=None, help="pixels (default: the pipeline's; random: 16)"
+    )
+    g.add_argument(
+        "--width", type=int, default=None, help="pixels (default: the pipeline's; random: 16)"
+    )
     g.add_argument(
         "--dtype",
         choices=("float32", "float64", "float16", "bfloat16"),
@@ -133,14 +175,25 @@ def run(args) -> int:
     apply_timeout(args)
     set_threads(args.threads)
     if args.diffusers:
+        if args.link not in LOOPBACK or args.overrides:
+            flag = "--set" if args.overrides else f"--link {args.link}"
+            raise ValueError(f"{flag}: for dsp's own models, not --diffusers pipelines")
         return run_diffusers(args)
     given = [f for f in DIFFUSERS_FLAGS if getattr(args, f) not in (None, "float32", "pt")]
     if given:
         flags = ", ".join("--" + f.replace("_", "-") for f in given)
         raise ValueError(f"{flags}: for --diffusers PATH only")
+    sizes = {
+        f: getattr(args, f) for f in ("frames", "height", "width") if getattr(args, f) is not None
+    }
+    if args.checkpoint and (sizes or args.overrides):
+        flags = ", ".join([f"--{f}" for f in sizes] + ["--set"] * bool(args.overrides))
+        raise ValueError(f"{flags}: the checkpoint fixes the model and the video size")
     cfg = SampleConfig(
         checkpoint=args.checkpoint,
         model=args.model,
+        model_overrides=dict(args.overrides),
+        **sizes,
         prompts=args.prompt or ["red circle left"],
         steps=args.steps or 10,
         cfg_scale=4.0 if args.cfg_scale is None else args.cfg_scale,
@@ -155,25 +208,142 @@ def run(args) -> int:
         parse_prompt(prompt)  # fail before starting any rank
     world = _world(args)
     check_sizes(cfg, world)
+    link = check_link(args, cfg, world)
     try:
-        result = run_job(_sample_rank, cfg, world, args)
+        if link is None:
+            result, link_meta = run_job(_sample_rank, cfg, world, args), None
+        else:
+            result, link_meta = run_on_link(cfg, world, link, threads=args.threads or 1)
     except KeyboardInterrupt:
         raise CommandError("interrupted; nothing was written", 130) from None
     if result is None:
         return 0
-    report(result, args)
+    report(result, args, link_meta)
     return 0
 
 
 DIFFUSERS_FLAGS = (
     "prompt_embeds",
     "negative_prompt_embeds",
-    "frames",
-    "height",
-    "width",
     "dtype",
     "output_type",
 )
+
+
+def check_link(args, cfg, world: int):
+    """``--link``: ``None`` for loopback, else the link to emulate (``ib``, ``nvlink`` or a
+    rate), after checking that it can be built here: local ranks, network namespaces."""
+    from dsp.bench.calibrate import TARGETS, parse_rate
+
+    link = args.link
+    if link in LOOPBACK:
+        return None
+    if link not in TARGETS:
+        try:
+            parse_rate(link)
+        except ValueError as e:
+            raise ValueError(
+                f"--link {link!r}: expected loopback, {', '.join(TARGETS)} or a rate such as "
+                f"25MB/s or 200mbit ({e})"
+            ) from None
+    if under_torchrun():
+        raise ValueError(
+            f"--link {link}: emulates the network between ranks this command spawns; torchrun's "
+            "processes use the network they have"
+        )
+    if world < 2:
+        raise ValueError(f"--link {link}: needs --world-size >= 2 (one process sends nothing)")
+    if args.device == "cuda":
+        raise ValueError(f"--link {link}: the emulated link joins CPU ranks (gloo)")
+    sample_workload(cfg, world)  # a model the calibration can size, before any rank starts
+    return link
+
+
+def sample_workload(cfg, world: int):
+    """The :class:`~dsp.bench.runner.BenchConfig` that ``dsp bench --mode infer`` would run for
+    ``cfg``'s model and latent size on ``world`` ranks: what ``--link`` is calibrated for.
+
+    One guided step is two forwards of batch ``len(cfg.prompts)`` (cond, uncond), each the
+    bench's inference step, so the bench's communication:compute ratio is the sampler's.
+    """
+    from dsp.bench.runner import BenchConfig
+    from dsp.data import PatchCodec
+
+    if cfg.checkpoint:
+        from dsp.train.checkpoint import read_meta
+
+        tcfg = read_meta(cfg.checkpoint)["config"]
+        model, over = tcfg["model"], dict(tcfg.get("model_overrides") or {})
+        frames, height, width, factor = (tcfg[k] for k in ("frames", "height", "width",
+                                                           "codec_factor"))  # fmt: skip
+    else:
+        model, over = cfg.model, dict(cfg.model_overrides)
+        frames, height, width, factor = cfg.frames, cfg.height, cfg.width, 2
+    sizes = {"depth": "depth", "hidden_size": "hidden", "num_heads": "heads"}
+    other = sorted(set(over) - set(sizes) - {"zero_init", "in_channels", "learn_sigma"})
+    if model.startswith("diffusers:") or other:
+        what = f"model {model}" if model.startswith("diffusers:") else f"overrides {other}"
+        raise ValueError(
+            f"--link: the calibration sizes a dsp.models model by depth, hidden_size and "
+            f"num_heads (as dsp bench does); it cannot stand for {what}"
+        )
+    _, t, h, w = PatchCodec(factor).latent_shape(frames, height, width)
+    return BenchConfig(
+        model=model,
+        strategy="dsp",
+        world_size=world,
+        frames=t,
+        height=h,
+        width=w,
+        batch=len(cfg.prompts),
+        mode="infer",
+        **{sizes[k]: v for k, v in over.items() if k in sizes},
+    )
+
+
+@contextlib.contextmanager
+def sampling_link(cfg, world: int, link: str, *, threads: int = 1, timeout=None):
+    """A :class:`~dsp.bench.calibrate.Calibration` whose ``pool`` has ``world`` ranks on the
+    emulated ``link``, calibrated as ``dsp bench --mode infer --link`` for ``cfg``'s size.
+
+    Raises :class:`CommandError` naming why when network namespaces are not available (the
+    bench falls back to loopback; a sampling run asked for a link gets the link or nothing).
+    """
+    from dsp.bench.calibrate import calibrated_link
+    from dsp.bench.link import netns_available
+    from dsp.mesh import default_timeout
+
+    ok, why = netns_available()
+    if not ok:
+        raise CommandError(
+            f"--link {link}: cannot emulate a link here: {why} (use --link loopback)", 2
+        )
+    timeout = timeout or default_timeout().total_seconds()
+    with calibrated_link(
+        world, link, workload=sample_workload(cfg, world), threads=threads, timeout=timeout
+    ) as cal:
+        yield cal
+
+
+def link_meta(cal) -> dict:
+    """What a report says about the link: the calibration, as ``dsp bench`` records it."""
+    return {
+        **cal.match,
+        "description": cal.summary(),
+        "emulated": cal.emulated,
+        "target": cal.target,
+        "cpu_flops_per_rank": cal.cpu_flops,
+        "wanted_bytes_per_s": cal.wanted_rate,
+        "configured_bytes_per_s": cal.configured_rate,
+        "achieved_bytes_per_s": cal.achieved_rate,
+    }
+
+
+def run_on_link(cfg, world: int, link: str, *, threads: int = 1):
+    """Rank 0's :class:`~dsp.sample.SampleResult` of ``cfg`` on ``world`` ranks over the
+    emulated ``link``, and the link's :func:`link_meta`."""
+    with sampling_link(cfg, world, link, threads=threads) as cal:
+        return cal.pool.run(_sample_rank, cfg)[0], link_meta(cal)
 
 
 def _sample_diffusers_rank(cfg):
@@ -283,13 +453,14 @@ def check_sizes(cfg, world: int) -> None:
         tcfg = read_meta(cfg.checkpoint)["config"]  # a clear error if there is none
         train_cfg = TrainConfig(**{**tcfg, "resume": False, "ckpt_dir": None})
     else:
-        train_cfg = TrainConfig(model=cfg.model, frames=cfg.frames, height=cfg.height,
-                                width=cfg.width)  # fmt: skip
+        train_cfg = TrainConfig(model=cfg.model, model_overrides=cfg.model_overrides,
+                                frames=cfg.frames, height=cfg.height, width=cfg.width)  # fmt: skip
     check_sp_fits(train_cfg, sp)
 
 
-def report(result, args) -> None:
-    """Write the video (and tensors, JSON) and print the latency table (rank 0)."""
+def report(result, args, link=None) -> None:
+    """Write the video (and tensors, JSON) and print the latency table (rank 0); ``link``:
+    the emulated link's :func:`link_meta` (``None`` on loopback)."""
     import torch
 
     from dsp.sample.video import tile, write_video
@@ -335,8 +506,11 @@ def report(result, args) -> None:
         ],
         rows,
     )
+    if link is not None:
+        print(f"link: {link['description']}")
     print(f"wrote {args.out} ({tuple(result.video.shape)} video, {writer})")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"layout": lay, "steps": result.steps, "ranks": result.ranks}, indent=2)
-        )
+        out = {"layout": lay, "steps": result.steps, "ranks": result.ranks}
+        if link is not None:
+            out["link"] = link
+        Path(args.json).write_text(json.dumps(out, indent=2))

@@ -48,6 +48,9 @@ class SampleConfig:
 
     checkpoint: Optional[str] = None
     model: str = "stdit-tiny"
+    #: the random model's config overrides (``dsp sample --set``), e.g. ``{"hidden_size": 256}``
+    model_overrides: Dict[str, Any] = field(default_factory=dict)
+    #: the random model's video (pixels; the latent is ``frames x height/2 x width/2``)
     frames: int = 8
     height: int = 16
     width: int = 16
@@ -134,10 +137,12 @@ def sample(cfg: SampleConfig) -> SampleResult:
         frames, height, width = tcfg["frames"], tcfg["height"], tcfg["width"]
         codec, text_seed = PatchCodec(tcfg["codec_factor"]), tcfg["seed"]
     else:
-        check_sp_fits(TrainConfig(model=cfg.model, frames=cfg.frames, height=cfg.height,
-                                  width=cfg.width), dims["sp"])  # fmt: skip
+        check_sp_fits(TrainConfig(model=cfg.model, model_overrides=cfg.model_overrides,
+                                  frames=cfg.frames, height=cfg.height, width=cfg.width),
+                      dims["sp"])  # fmt: skip
         torch.manual_seed(cfg.seed)
-        model = build_video_model({"model": cfg.model, "model_overrides": {"zero_init": False}})
+        overrides = {"zero_init": False, **cfg.model_overrides}
+        model = build_video_model({"model": cfg.model, "model_overrides": overrides})
         frames, height, width = cfg.frames, cfg.height, cfg.width
         codec, text_seed = PatchCodec(2), cfg.seed
     model.eval().to(device)
