@@ -25,11 +25,11 @@ The latency table then stands for that cluster's; the video is unchanged.
 
 Examples:
   dsp sample --checkpoint ckpt --steps 10 --cfg-scale 4 --out video.gif
-  dsp sample --set hidden_size=256 --set num_heads=8 --frames 16 --height 64 --width 64 \
+  dsp sample --set hidden_size=256 --set num_heads=8 --frames 16 --height 64 --width 64 \\
       --world-size 2 --strategy ulysses --link ib --out video.gif   # random model, emulated IB
   dsp sample --checkpoint ckpt --world-size 4 --cfg-parallel --out video.gif   # 2 x sp 2
   torchrun --nproc-per-node 4 --no-python dsp sample --checkpoint ckpt --cfg-parallel
-  dsp sample --diffusers path/to/latte --world-size 2 --prompt-embeds emb.pt \
+  dsp sample --diffusers path/to/latte --world-size 2 --prompt-embeds emb.pt \\
       --negative-prompt-embeds neg.pt --frames 16 --steps 25 --out latte.gif
 """
 
@@ -211,14 +211,14 @@ def run(args) -> int:
     link = check_link(args, cfg, world)
     try:
         if link is None:
-            result, link_meta = run_job(_sample_rank, cfg, world, args), None
+            result, link_info = run_job(_sample_rank, cfg, world, args), None
         else:
-            result, link_meta = run_on_link(cfg, world, link, threads=args.threads or 1)
+            result, link_info = run_on_link(cfg, world, link, threads=args.threads or 1)
     except KeyboardInterrupt:
         raise CommandError("interrupted; nothing was written", 130) from None
     if result is None:
         return 0
-    report(result, args, link_meta)
+    report(result, args, link_info)
     return 0
 
 
