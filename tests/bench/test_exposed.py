@@ -104,3 +104,37 @@ def test_ulysses_qkv_flag_adds_rows_and_reports_name_them(choice, want):
     assert [c.options for c in configs if c.strategy == "dsp"] == [{}]
     names = {label({"strategy": c.strategy, "options": c.options}) for c in configs}
     assert ("ulysses (qkv in one)" in names) == (choice != "three")
+
+
+@pytest.mark.parametrize(
+    "n,rate,want",
+    [
+        (2, 1e6, "dsp (auto: 2 chunks)"),
+        (2, 1e12, "dsp (auto: blocking)"),
+        (4, 1e6, "dsp (auto: blocking)"),
+    ],
+)
+def test_chunks_auto_plans_from_the_measured_link(pools, monkeypatch, n, rate, want):
+    """--chunks auto: the ranks plan slices from the link and FLOP/s the sweep measured; a
+    link as slow as the compute slices (as many as 4 frames over 2 ranks allow), a fast one
+    does not, and neither do more ranks than cores (4 ranks on 2 cores, 8 frames)."""
+    import dataclasses
+    import os
+
+    from dsp.bench.report import label
+    from dsp.bench.sweep import _timed
+    from dsp.cli.bench import configs_from_args
+    from dsp.cli.main import build_parser
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
+    args = build_parser().parse_args(
+        ["bench", "--strategy", "dsp", "--world-size", str(n), "--chunks", "1,auto"]
+    )
+    assert [c.options for c in configs_from_args(args)] == [{}, {"chunks": "auto"}]
+    meta = {"emulated": True, "cpu_flops_per_rank": 1e8, "achieved_bytes_per_s": rate}
+    cfg = BenchConfig(strategy="dsp", world_size=n, options={"chunks": "auto"})
+    cfg = dataclasses.replace(_timed(cfg, meta), **dict(TINY, frames=2 * n))
+    assert cfg.options["cluster"]["overlap"] == (1.0 if n <= 2 else 0.0)
+    assert cfg.options["training"] is True
+    row = summarize(cfg, pools.run(n, rank_bench, cfg))
+    assert label(row) == want, row["chunks_chosen"]

@@ -11,6 +11,8 @@ import dsp
 import dsp.parallelize as P
 from dsp.models import build_model
 from dsp.models.plans import hand_plan
+from dsp.sim.hardware import cluster
+from dsp.sim.plan_price import timing
 
 TEXT_LEN = 6
 SHAPES = {  # uneven over 2, 3 and 4 ranks, every sequence dim >= 4
@@ -65,6 +67,18 @@ def _mean(t):
     return t / dist.get_world_size()
 
 
+#: A cluster on which overlapping pays for the tiny models: a slow link, slow compute of the
+#: same order, free slices (``--chunks auto`` then slices every stage that can).
+SLOW_LINK = {
+    "nodes": 8,
+    "gpus_per_node": 1,
+    "gpu": {"name": "slow", "peak_flops": 1e8, "mfu": 1.0, "memory": 1e9},
+    "inter": {"name": "slow", "bandwidth": 1e6, "latency": 0.0, "a2a_efficiency": 1.0},
+    "intra": {"name": "slow", "bandwidth": 1e6, "latency": 0.0, "a2a_efficiency": 1.0},
+    "slice_overhead": 0.0,
+}
+
+
 def equality(name: str, which: str = "planner", atol: float = 1e-9, shape=None):
     """Output, every parameter gradient and the input gradients equal one process.
 
@@ -82,7 +96,9 @@ def equality(name: str, which: str = "planner", atol: float = 1e-9, shape=None):
     outs_ref, grads_ref = run(ref, inputs, weights)
 
     rec = P.record(model, inputs)
-    if which.startswith("chunks:"):  # the planner's plan, switches overlapped in k slices
+    if which == "chunks:auto":  # slice counts the planner chooses on a slow link
+        plan = rec.plan(n, chunks="auto", timing=timing(cluster(SLOW_LINK), n))
+    elif which.startswith("chunks:"):  # the planner's plan, switches overlapped in k slices
         plan = rec.plan(n, chunks=int(which.split(":")[1]))
     else:
         plan = rec.plan(n) if which == "planner" else hand_plan(model)

@@ -53,15 +53,17 @@ def environment() -> dict:
 
 def label(r: dict) -> str:
     """A result's strategy as reports name it: options that change how it communicates
-    are part of the name (``ulysses (qkv in one)``, ``dsp (2 chunks)``)."""
+    are part of the name (``ulysses (qkv in one)``, ``dsp (2 chunks)``, ``dsp (auto: 4
+    chunks)`` with the counts the planner chose)."""
     options = r.get("options") or {}
     one = options.get("qkv_one_all_to_all")
     chunks = options.get("chunks") or 1
-    return (
-        r["strategy"]
-        + (" (qkv in one)" if one else "")
-        + (f" ({chunks} chunks)" if chunks > 1 else "")
-    )
+    if chunks == "auto":
+        got = [k for k in r.get("chunks_chosen") or [] if k > 1]
+        chunks_text = f" (auto: {'/'.join(map(str, got))} chunks)" if got else " (auto: blocking)"
+    else:
+        chunks_text = f" ({chunks} chunks)" if chunks > 1 else ""
+    return r["strategy"] + (" (qkv in one)" if one else "") + chunks_text
 
 
 def write_json(path: str, meta: dict, results: List[dict]) -> None:

@@ -145,9 +145,12 @@ def rank_bench(cfg: BenchConfig) -> dict:
             step(measure=False)
             times.append(time.perf_counter() - t0)
         waits.append(timing.wait_s)
+    plan = getattr(strategy, "plan", None)
+    chosen = sorted({st.chunks or 1 for st in plan.stages if st.kind == "compute"}) if plan else []
     return {
         "times": times,
         "comm_waits": waits,
+        "chunks_chosen": chosen,
         "bytes_sent_forward": stats["fwd"],
         "bytes_sent_backward": stats["bwd"],
         "bytes_sent_grad_sync": stats["sync"],
@@ -188,6 +191,7 @@ def summarize(cfg: BenchConfig, per_rank: Optional[List[dict]], error: str = "")
             bytes_sent_grad_sync=None,
             saved_activation_bytes=None,
             peak_rss_bytes=None,
+            chunks_chosen=None,
         )
         return row
     steps = [max(ts) for ts in zip(*(r["times"] for r in per_rank))]  # slowest rank per step
@@ -196,6 +200,7 @@ def summarize(cfg: BenchConfig, per_rank: Optional[List[dict]], error: str = "")
         step_time_s={"median": med, "min": min(steps), "max": max(steps), "all": steps},
         exposed_comm_s=_exposed(per_rank),
         samples_per_s=cfg.batch / med,
+        chunks_chosen=per_rank[0].get("chunks_chosen"),  # slice counts of its compute stages
         tokens_per_s=cfg.tokens() / med,
         **{
             k: max(r[k] for r in per_rank)

@@ -95,6 +95,7 @@ def run_sweep(
         ref = max(group, key=lambda c: (c.strategy != "none", c.frames * c.height * c.width))
         with _pools_for(n, link, ref, target) as (get, meta):
             links[n] = meta
+            group = [_timed(c, meta) for c in group]
             get_measured, on_measured = _flops_around(get, on_result)
             for row in run_configs(group, get_measured, on_measured):
                 row["link"] = meta.get("description")
@@ -130,3 +131,42 @@ def _flops_around(get, on_result):
         on_result(row)
 
     return get_measured, on_measured
+
+
+#: Seconds one more overlapped slice costs a stage per direction on the CPU ranks (Python,
+#: the slicing copies, gloo's launch and wait), fitted to the quiet N = 2 training run of
+#: benchmarks/results/overlap_ib_quiet_vm_2026-11-28.md (gains of 2, 4 and 8 slices:
+#: 1.25-1.8 ms per slice).
+CPU_SLICE_OVERHEAD = 1.5e-3
+
+
+def bench_timing_cluster(meta: dict, n: int) -> dict:
+    """The benchmark's ranks and link as a cluster (fields of :class:`~dsp.sim.hardware.
+    Cluster`) for the planner's choice of slices (``--chunks auto``): the measured link and
+    FLOP/s (:func:`dsp.sim.frombench.bench_cluster`), overlap 1 while each rank has a core of
+    its own and 0 once ranks share cores (a rank's wait is then another rank's compute),
+    :data:`CPU_SLICE_OVERHEAD` per slice."""
+    import dataclasses
+    import os
+
+    from dsp.sim.frombench import CPU_EFFICIENCY, bench_cluster
+
+    c = bench_cluster({"link": {"per_world_size": {n: meta}}}, n, CPU_EFFICIENCY)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    c = dataclasses.replace(
+        c, overlap=1.0 if n <= (cores or 1) else 0.0, slice_overhead=CPU_SLICE_OVERHEAD
+    )
+    return dataclasses.asdict(c)
+
+
+def _timed(cfg: BenchConfig, meta: dict) -> BenchConfig:
+    """``cfg`` with the cluster its ``chunks="auto"`` plans for (others unchanged)."""
+    if cfg.options.get("chunks") != "auto" or cfg.world_size < 2:
+        return cfg
+    import dataclasses
+
+    cluster = bench_timing_cluster(meta, cfg.world_size)
+    training = cfg.mode == "train"
+    return dataclasses.replace(
+        cfg, options={**cfg.options, "cluster": cluster, "training": training}
+    )

@@ -15,7 +15,7 @@ import shlex
 import sys
 
 from dsp.cli.errors import add_job_flags, apply_timeout
-from dsp.cli.lists import ints, names
+from dsp.cli.lists import chunk_counts, ints, names
 from dsp.cli.table import human_bytes
 
 
@@ -68,10 +68,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--chunks",
-        type=ints,
+        type=chunk_counts,
         default=[1],
         help="dsp: run each compute stage in k overlapped slices (switches overlap compute, "
-        "forward and backward); a list adds one dsp row per k, e.g. 1,2,4 (1: blocking)",
+        "forward and backward); a list adds one dsp row per k, e.g. 1,2,4 (1: blocking); "
+        "auto: the planner chooses k per stage from the predicted time on this link (its "
+        "measured rate and FLOP/s; no overlap gain where ranks outnumber cores)",
     )
     p.add_argument(
         "--no-grad-sync",
@@ -156,7 +158,7 @@ def configs_from_args(args):
         ]
     if args.chunks != [1]:
         configs = [
-            expand(c, options=[{**c.options, "chunks": k}])[0] if k > 1 else c
+            expand(c, options=[{**c.options, "chunks": k}])[0] if k != 1 else c
             for c in configs
             for k in (args.chunks if c.strategy == "dsp" else [1])
         ]

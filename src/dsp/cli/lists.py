@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import List
+import argparse
+from typing import List, Union
 
 
 def ints(text: str) -> List[int]:
@@ -13,3 +14,18 @@ def ints(text: str) -> List[int]:
 def names(text: str) -> List[str]:
     """``"dsp, ulysses"`` -> ``["dsp", "ulysses"]``."""
     return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def chunk_counts(text: str) -> List[Union[int, str]]:
+    """``"1,4,auto"`` -> ``[1, 4, "auto"]`` (whole numbers >= 1, or ``auto``)."""
+    out: List[Union[int, str]] = []
+    for v in (v.strip() for v in text.split(",") if v.strip()):
+        if v == "auto":
+            out.append(v)
+        elif v.isdigit() and int(v) >= 1:
+            out.append(int(v))
+        else:
+            raise argparse.ArgumentTypeError(
+                f"{v!r} is not a slice count: use whole numbers >= 1 or auto, e.g. 1,4,auto"
+            )
+    return out

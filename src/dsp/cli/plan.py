@@ -9,6 +9,7 @@ or one loaded with ``--plan``) against the model and the world size and says wha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Tuple
@@ -46,7 +47,23 @@ def add_parser(sub) -> None:
         help="plan for time on this cluster (dsp simulate's presets, e.g. 8xh100-nvlink, "
         "2x8xh100-ib, or a JSON file) instead of bytes; prints both plans' predicted time",
     )
+    p.add_argument(
+        "--chunks",
+        type=_chunks,
+        default=None,
+        help="run the compute stages that can in k overlapped slices; auto (needs --cluster): "
+        "the count each stage's predicted time on the cluster is least with, printed per stage",
+    )
     p.set_defaults(func=run)
+
+
+def _chunks(text: str):
+    from dsp.cli.lists import chunk_counts
+
+    got = chunk_counts(text)
+    if len(got) != 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: one slice count or auto")
+    return got[0]
 
 
 def example_inputs(name: str, model: torch.nn.Module, args: Any) -> Tuple[torch.Tensor, ...]:
@@ -70,6 +87,43 @@ def _price(spec: str, n: int):
     from dsp.sim.plan_price import link_price
 
     return link_price(cluster(spec), n, itemsize_scale=0.5)  # recorded fp32, the target bf16
+
+
+def _timing(spec: str, n: int):
+    from dsp.sim.hardware import cluster
+    from dsp.sim.plan_price import timing
+
+    return timing(cluster(spec), n, itemsize_scale=0.5)
+
+
+def _slices(rec, plan: Plan, n: int, timing) -> None:
+    """Per overlappable stage: the predicted step time of each slice count tried."""
+    from dsp.parallelize import choose_chunks
+
+    blocking = Plan(plan.streams, tuple(dataclasses.replace(st, chunks=None) for st in plan.stages))
+    _, report = choose_chunks(blocking, rec.trace, rec.decl, n, timing)
+    chosen = {st.module: st.chunks or 1 for st in plan.stages}
+    rows = [
+        [module, str(chosen.get(module, 1))]
+        + [f"{k}: {t * 1e3:.3f}" for k, t in sorted(times.items())]
+        for module, times in report.items()
+    ]
+    if not rows:
+        print("no stage can run in overlapped slices here (every stage stays blocking)")
+        return
+    width = max(len(r) for r in rows)
+    rows = [r + [""] * (width - len(r)) for r in rows]
+    print(
+        "overlapped slices: predicted ms per step (forward + backward) of each stage by slice "
+        f"count (overlap {timing.overlap:g}, {timing.slice_overhead * 1e6:.0f} us per slice)"
+    )
+    print(text_table(["stage", "chosen"] + [""] * (width - 2), rows))
+    before = sum(times[1] for times in report.values())
+    after = sum(times[chosen.get(m, 1)] for m, times in report.items())
+    print(
+        f"these stages: {before * 1e3:.3f} ms blocking, {after * 1e3:.3f} ms with the chosen "
+        f"slices ({before / after:.2f}x)"
+    )
 
 
 def _compare(rec, plan: Plan, n: int, args, price) -> None:
@@ -106,10 +160,15 @@ def run(args) -> int:
             model = build_model(args.model)
         rec = record(model, example_inputs(args.model, model, args))
         price = _price(args.cluster, n) if args.cluster else None
+        if args.chunks == "auto" and not args.cluster:
+            raise PlanError("--chunks auto chooses from predicted time: give --cluster too")
+        timing = _timing(args.cluster, n) if args.chunks == "auto" else None
         plan = (
             Plan.from_json(args.plan.read_text())
             if args.plan
-            else rec.plan(n, even_only=args.even_only, price=price)
+            else rec.plan(
+                n, even_only=args.even_only, price=price, chunks=args.chunks, timing=timing
+            )
         )
         check_plan(plan, model)
         cost = rec.cost(plan, n, even_only=args.even_only)
@@ -151,6 +210,8 @@ def run(args) -> int:
         print(f"hand-written plan (the paper's placement) is not legal here: {e}")
     if price is not None:
         _compare(rec, plan, n, args, price)
+    if timing is not None:
+        _slices(rec, plan, n, timing)
     if args.json:
         args.json.write_text(plan.to_json() + "\n")
         print(f"plan written to {args.json}")

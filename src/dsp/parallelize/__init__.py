@@ -21,6 +21,7 @@ from dsp.parallelize.compile import Act, Hook, compile_plan
 from dsp.parallelize.cost import PlanCost, simulate
 from dsp.parallelize.plan import ParamStyle, Plan, PlanError, Stage, Stream
 from dsp.parallelize.planner import Recording, plan_model, record
+from dsp.parallelize.timing import Timing, choose_chunks
 from dsp.parallelize.trace import Trace, declare_trace, trace_model
 
 __all__ = [
@@ -34,8 +35,10 @@ __all__ = [
     "Recording",
     "Stage",
     "Stream",
+    "Timing",
     "Trace",
     "check_plan",
+    "choose_chunks",
     "compile_plan",
     "declare_trace",
     "parallelize",

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
@@ -44,6 +44,7 @@ from dsp.parallelize.cost import (
 )
 from dsp.parallelize.declared import Declarations, read_declarations, stage_modules, stream_of
 from dsp.parallelize.plan import Plan, PlanError, Stage, Stream
+from dsp.parallelize.timing import Timing, choose_chunks
 from dsp.parallelize.trace import Call, Trace, declare_trace, trace_model
 
 __all__ = ["Recording", "plan_model", "record"]
@@ -86,7 +87,8 @@ class Recording:
         kinds=None,
         overrides=None,
         price: Optional[Callable[[Act, int, int], float]] = None,
-        chunks: Optional[int] = None,
+        chunks: Union[int, str, None] = None,
+        timing: Optional[Timing] = None,
     ) -> Plan:
         """The plan with the fewest bytes (ties: the most even shards, the simpler kind).
 
@@ -100,8 +102,21 @@ class Recording:
         sum; the plan's bytes are still checked against the dry run.
         ``chunks``: run every compute stage that can (its only acts are the switch in and
         back) in that many overlapped slices (``Stage.chunks``; fewer where its dim is too
-        short); the bytes change only by the uneven rounding of the slices.
+        short); the bytes change only by the uneven rounding of the slices. ``chunks="auto"``:
+        each such stage gets the count its predicted time is least with
+        (:func:`~dsp.parallelize.timing.choose_chunks`; 1, blocking, where slicing does not
+        pay), which needs ``timing`` (the link's price, seconds per FLOP, how much overlap
+        hides: :func:`dsp.sim.plan_price.timing`).
         """
+        if chunks == "auto" and timing is None:
+            raise PlanError(
+                "chunks='auto' chooses each stage's slice count from predicted time: pass "
+                "timing= (dsp.sim.plan_price.timing(cluster, world_size) for a described "
+                "cluster), or give chunks as a number"
+            )
+        whole = isinstance(chunks, int) and chunks >= 1
+        if chunks is not None and chunks != "auto" and not whole:
+            raise PlanError(f"chunks must be a whole number >= 1 or 'auto', got {chunks!r}")
         search = _Search(
             self, world_size, even_only, kinds or ("compute", "heads", "ring", "whole")
         )
@@ -112,8 +127,11 @@ class Recording:
         check = self.cost(plan, world_size, even_only=even_only).total
         if price is None and check != best_cost[0]:  # planner and dry run agree to the byte
             raise RuntimeError(f"dsp planner: planned {best_cost[0]} bytes, dry run {check}")
-        if chunks and chunks > 1:
+        if chunks == "auto":
+            plan = choose_chunks(plan, self.trace, self.decl, world_size, timing)[0]
+        elif chunks and chunks > 1:
             plan = with_chunks(plan, self.trace, self.decl, world_size, chunks)
+        if chunks and chunks != 1:
             self.cost(plan, world_size, even_only=even_only)  # checked like any plan
         return plan
 

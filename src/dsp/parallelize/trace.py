@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from dsp.parallelize.args import Args
 from dsp.parallelize.plan import Arg, PlanError, Stream
@@ -63,6 +64,7 @@ class Call:
     end: int
     inputs: Tuple[Tuple[Arg, TensorInfo], ...] = ()
     outs: Tuple[Optional[TensorInfo], ...] = ()
+    flops: int = 0  # forward FLOPs of the call, modules inside included (0: not recorded)
 
     def input(self, key: Arg) -> Optional[TensorInfo]:
         for k, v in self.inputs:
@@ -197,6 +199,7 @@ def trace_model(
     uses: List[Tuple[int, str, str]] = []
     clock = [0]
     sigs = {name: Args(mod) for name, mod in model.named_modules()}
+    counter = FlopCounterMode(display=False)  # FLOPs per call: what overlapping can hide
 
     def pre(name):
         def hook(_mod, a, kw):
@@ -213,6 +216,7 @@ def trace_model(
                     if k in sig.positional:
                         named.append((sig.positional.index(k), _info(v)))
             rec = {"module": name, "start": clock[0], "end": -1, "inputs": tuple(named)}
+            rec["flops"] = counter.get_total_flops()  # minus the total at its end: its own
             clock[0] += 1
             calls.append(rec)
             open_calls.setdefault(name, []).append(rec)
@@ -223,6 +227,7 @@ def trace_model(
         def hook(_mod, _a, out):
             rec = open_calls[name].pop()
             rec["end"], rec["outs"] = clock[0], _infos(out)
+            rec["flops"] = counter.get_total_flops() - rec["flops"]
             clock[0] += 1
 
         return hook
@@ -255,7 +260,7 @@ def trace_model(
                 base = state.get(key, getattr(modules[owner], attr))
                 w = base.detach().as_subclass(_Watched).requires_grad_(base.requires_grad)
                 watched[key] = (owner, attr, w)
-        with _AttendSpy(attend, norm):
+        with counter, _AttendSpy(attend, norm):
             _run(model, state, args, kwargs, watched, uses, clock, on_meta)
     finally:
         for h in handles:

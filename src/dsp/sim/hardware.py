@@ -117,7 +117,15 @@ LINKS = {
 
 @dataclass(frozen=True)
 class Cluster:
-    """``nodes x gpus_per_node`` GPUs; ``intra`` inside a node, ``inter`` across nodes."""
+    """``nodes x gpus_per_node`` GPUs; ``intra`` inside a node, ``inter`` across nodes.
+
+    ``overlap``: the fraction of the shorter of a collective and the compute beside it that
+    running both at once hides (1: the collective has its own engine, NCCL on a side stream;
+    0: ranks share cores, so a rank's wait is already another rank's compute);
+    ``slice_overhead``: seconds one more overlapped slice costs (launch, slicing copies,
+    smaller kernels; 20 us assumed on a GPU). Both only price ``Stage.chunks``
+    (:mod:`dsp.parallelize.timing`).
+    """
 
     nodes: int
     gpus_per_node: int
@@ -125,6 +133,8 @@ class Cluster:
     intra: Link
     inter: Link
     name: str = ""
+    overlap: float = 1.0
+    slice_overhead: float = 20e-6
 
     def __post_init__(self):
         if self.nodes < 1 or self.gpus_per_node < 1:
@@ -201,6 +211,8 @@ def cluster(spec: Union[str, dict, Cluster], *, mfu: float = None, gpus: int = N
             _pick(LINKS, spec.get("intra", "nvlink"), Link),
             _pick(LINKS, spec.get("inter", "ib"), Link),
             spec.get("name", "custom"),
+            float(spec.get("overlap", 1.0)),
+            float(spec.get("slice_overhead", 20e-6)),
         )
     if mfu is not None:
         c = dataclasses.replace(c, gpu=dataclasses.replace(c.gpu, mfu=mfu))

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+from dsp.parallelize.timing import Timing
 from dsp.sim.hardware import Cluster
 from dsp.sim.step import comm_seconds
 
-__all__ = ["link_price"]
+__all__ = ["link_price", "timing"]
 
 #: the collective each act issues, in the link model's kinds
 KINDS = {
@@ -22,6 +23,7 @@ KINDS = {
     "gather": "all_gather",
     "allgather": "all_gather",
     "reducescatter": "reduce_scatter",
+    "chunked": "a2a",
 }
 ATTEND = {"heads": "a2a", "usp": "a2a", "ring": "p2p"}
 
@@ -33,6 +35,8 @@ def _calls(act, n: int):
         return n - 1, 2 * (n - 1)
     if act.op == "attend":
         return 4, 4
+    if act.op == "chunked":  # every slice switched in and back
+        return 2 * act.degree, 2 * act.degree
     return 1, 1
 
 
@@ -55,3 +59,24 @@ def link_price(cluster: Cluster, world_size: int, *, itemsize_scale: float = 1.0
         return total
 
     return price
+
+
+def timing(
+    cluster: Cluster,
+    world_size: int,
+    *,
+    training: bool = True,
+    itemsize_scale: float = 1.0,
+    max_chunks: int = 8,
+) -> Timing:
+    """What the planner needs to choose each stage's overlapped slices on ``cluster``
+    (``Recording.plan(..., chunks="auto", timing=...)``): its link price, seconds per FLOP at
+    the GPU's achieved rate, and the cluster's ``overlap`` and ``slice_overhead``."""
+    return Timing(
+        link_price(cluster, world_size, itemsize_scale=itemsize_scale),
+        1.0 / cluster.gpu.flops,
+        overlap=cluster.overlap,
+        slice_overhead=cluster.slice_overhead,
+        training=training,
+        max_chunks=max_chunks,
+    )

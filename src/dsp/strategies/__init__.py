@@ -34,8 +34,11 @@ class Strategy:
     ``ulysses_degree`` (``usp``), ``qkv_one_all_to_all`` (``ulysses``, ``usp``: move q, k, v
     to heads in one all-to-all, same bytes, instead of DeepSpeed's three; default ``False``),
     ``chunks`` (``dsp``: run every compute stage that can in that many overlapped slices,
-    ``Stage.chunks``; default 1, blocking), ``declare`` and ``streams`` (the declarations of
-    a model without attributes, docs/parallelize.md).
+    ``Stage.chunks``; default 1, blocking; ``"auto"``: the planner chooses per stage from
+    predicted time on ``cluster``, a :class:`~dsp.sim.hardware.Cluster`, a preset name or a
+    dict of its fields, for a training step or, with ``training=False``, a forward),
+    ``declare`` and ``streams`` (the declarations of a model without attributes,
+    docs/parallelize.md).
     """
 
     def __init__(self, name: str, group: Optional[dist.ProcessGroup] = None, **options):
@@ -44,10 +47,16 @@ class Strategy:
                 f"dsp {name}: qkv_one_all_to_all applies to ulysses and usp (their q, k, v "
                 "all-to-alls), not to this strategy"
             )
-        if (options.get("chunks") or 1) > 1 and name != "dsp":
+        chunks = options.get("chunks")
+        if chunks not in (None, 1) and name != "dsp":
             raise ValueError(
                 f"dsp {name}: chunks (overlapped switches) apply to dsp's compute stages, not "
                 "to this strategy"
+            )
+        if chunks == "auto" and options.get("cluster") is None:
+            raise ValueError(
+                "dsp dsp: chunks='auto' chooses each stage's slices from predicted time: give "
+                "cluster= (a Cluster, a preset such as '8xh100-nvlink', or a dict of its fields)"
             )
         self.name, self.group, self.options = name, group, options
         self.plan: Optional[Plan] = None
@@ -61,9 +70,24 @@ class Strategy:
             return None
         if self.name == "dsp":
             plan = load_plan(self.options.get("plan") or "auto")
-            chunks = self.options.get("chunks")
+            chunks, timing = self.options.get("chunks"), None
+            if chunks == "auto":
+                from dsp.sim.hardware import cluster
+                from dsp.sim.plan_price import timing as cluster_timing
+
+                timing = cluster_timing(
+                    cluster(self.options["cluster"]),
+                    n,
+                    training=self.options.get("training", True),
+                )
             return dsp_plan(
-                model, n, plan=plan, example_inputs=example_inputs, chunks=chunks, **given
+                model,
+                n,
+                plan=plan,
+                example_inputs=example_inputs,
+                chunks=chunks,
+                timing=timing,
+                **given,
             )
         if self.name == "megatron_sp":
             return megatron_plan(model, example_inputs=example_inputs, **given)

@@ -20,7 +20,7 @@ Nothing here knows a model class: the generators read the model's streams and de
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union
 
 from torch import nn
 
@@ -129,12 +129,14 @@ def dsp_plan(
     example_inputs: Any = None,
     declare=None,
     streams=None,
-    chunks: Optional[int] = None,
+    chunks: Union[int, str, None] = None,
+    timing=None,
 ) -> Plan:
     """DSP: ``plan="auto"`` (the planner; needs ``example_inputs``), ``"hand"`` (the paper's
     placement for the models in :mod:`dsp.models`), or a :class:`Plan`. ``chunks``: the
-    planner's compute stages run in that many overlapped slices where they can (auto only;
-    a hand plan or a plan file says its own)."""
+    planner's compute stages run in that many overlapped slices where they can, or
+    ``"auto"``: as many as ``timing`` predicts fastest (auto only; a hand plan or a plan
+    file says its own)."""
     if isinstance(plan, Plan):
         return plan
     if plan == "hand" or (plan == "auto" and example_inputs is None):
@@ -144,4 +146,4 @@ def dsp_plan(
     if plan != "auto":
         raise ValueError(f"dsp: plan must be 'auto', 'hand' or a Plan, got {plan!r}")
     rec = record(model, example_inputs, declare=declare, streams=streams)
-    return rec.plan(world_size, chunks=chunks)
+    return rec.plan(world_size, chunks=chunks, timing=timing)
