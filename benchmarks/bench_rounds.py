@@ -36,7 +36,7 @@ from itertools import groupby
 
 from dsp.bench.report import environment, markdown, plot, write_json
 from dsp.bench.runner import run_configs
-from dsp.bench.sweep import _flops_around, _pools_for
+from dsp.bench.sweep import _flops_around, _pools_for, _timed
 from dsp.cli.bench import configs_from_args, target_from_args
 from dsp.cli.main import build_parser
 
@@ -112,6 +112,7 @@ def run(args, rounds: int):
             getters[n] = get
             if n > 1:
                 links[n].update(p2p_rates(get(n), links[n]))
+            group[:] = [_timed(c, links[n]) for c in group]  # --chunks auto: this link
         for k in range(rounds):
             for n, group in groups[k % len(groups) :] + groups[: k % len(groups)]:
                 order = list(range(len(group)))
