@@ -109,3 +109,34 @@ def test_sample_latency_quick(tmp_path):
     assert rows[0]["speedup_vs_one_process"] == 1.0 and "dsp_over_ulysses" in rows[2]
     assert (tmp_path / "q.md").read_text().startswith("# Sampling latency")
     assert (tmp_path / "q.png").stat().st_size > 0 or "matplotlib" in proc.stderr
+
+
+def test_overlapped_slices_equal_one_process(tmp_path, one_process):
+    """--chunks 2, and --chunks auto for a described cluster, on 2 ranks."""
+    for flags in (["--chunks", "2"], ["--chunks", "auto", "--cluster", "8xh100-nvlink"]):
+        latents, _ = _latents(tmp_path, "chunks", "--world-size", "2", *flags)
+        torch.testing.assert_close(latents, one_process, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not netns_available()[0], reason="network namespaces need root and ip")
+def test_auto_slices_plan_for_the_emulated_link(tmp_path, one_process):
+    latents, report = _latents(
+        tmp_path, "auto", "--world-size", "2", "--link", "200MB/s", "--chunks", "auto"
+    )
+    torch.testing.assert_close(latents, one_process, rtol=0, atol=1e-5)
+    assert report["link"]["emulated"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--world-size", "2", "--chunks", "auto"], "give --cluster"),
+        (["--world-size", "2", "--chunks", "2", "--strategy", "ulysses"], "ulysses has none"),
+    ],
+)
+def test_chunk_flag_errors(flags, message, capsys):
+    assert main(["sample", *flags]) == 2
+    assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", "--chunks", "x"])
+    assert "'x' is not a slice count: a whole number >= 1 or auto" in capsys.readouterr().err

@@ -37,3 +37,30 @@ def test_train_flag_errors(capsys):
     assert "latent height 5" in capsys.readouterr().err
     assert main(["train", "--set", "depht=2", "--steps", "1"]) == 2
     assert "unknown config fields ['depht']" in capsys.readouterr().err
+
+
+def test_train_with_overlapped_slices_equals_blocking(tmp_path, capsys):
+    """--chunks 2 on sp = 2: the same losses as blocking switches (fp32 rounding)."""
+    losses = {}
+    for name, extra in (("blocking", []), ("chunks", ["--chunks", "2"])):
+        log = tmp_path / f"{name}.json"
+        argv = ["train", "--sp", "2", "--world-size", "2", "--steps", "2", "--no-progress",
+                "--frames", "8", "--log-json", str(log), *extra]  # fmt: skip
+        assert main(argv) == 0
+        losses[name] = json.loads(log.read_text())["losses"]
+    assert len(losses["chunks"]) == 2
+    for a, b in zip(losses["chunks"], losses["blocking"]):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), losses
+
+
+def test_train_chunk_flag_errors(capsys):
+    assert main(["train", "--chunks", "auto", "--sp", "2", "--world-size", "2"]) == 2
+    assert "give --cluster" in capsys.readouterr().err
+    assert main(["train", "--chunks", "2", "--strategy", "ulysses"]) == 2
+    assert "--strategy ulysses has none" in capsys.readouterr().err
+    assert main(["train", "--cluster", "8xh100-nvlink"]) == 2
+    assert "--cluster describes the machine for --chunks auto" in capsys.readouterr().err
+    assert main(["train", "--chunks", "auto", "--cluster", "9xfoo-ib"]) == 2
+    assert "unknown" in capsys.readouterr().err
+    assert main(["train", "--chunks", "2", "--activation-checkpointing"]) == 2
+    assert "--activation-checkpointing" in capsys.readouterr().err

@@ -29,3 +29,13 @@ def chunk_counts(text: str) -> List[Union[int, str]]:
                 f"{v!r} is not a slice count: use whole numbers >= 1 or auto, e.g. 1,4,auto"
             )
     return out
+
+
+def chunk_count(text: str) -> Union[int, str]:
+    """``"4"`` -> ``4``, ``"auto"`` -> ``"auto"`` (one slice count)."""
+    v = text.strip()
+    if v != "auto" and not (v.isdigit() and int(v) >= 1):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a slice count: a whole number >= 1 or auto"
+        )
+    return v if v == "auto" else int(v)

@@ -16,6 +16,7 @@ from typing import Any, Tuple
 
 import torch
 
+from dsp.cli.lists import chunk_count
 from dsp.cli.table import human_bytes
 from dsp.models.plans import hand_plan
 from dsp.parallelize import Plan, PlanError, check_plan, record
@@ -49,21 +50,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--chunks",
-        type=_chunks,
+        type=chunk_count,
         default=None,
         help="run the compute stages that can in k overlapped slices; auto (needs --cluster): "
         "the count each stage's predicted time on the cluster is least with, printed per stage",
     )
     p.set_defaults(func=run)
-
-
-def _chunks(text: str):
-    from dsp.cli.lists import chunk_counts
-
-    got = chunk_counts(text)
-    if len(got) != 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: one slice count or auto")
-    return got[0]
 
 
 def example_inputs(name: str, model: torch.nn.Module, args: Any) -> Tuple[torch.Tensor, ...]:

@@ -37,13 +37,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 from dsp.cli.errors import CommandError, add_job_flags, apply_timeout
+from dsp.cli.lists import chunk_count
 from dsp.cli.table import human_bytes, print_table
 from dsp.cli.train import _override, run_job, set_threads, under_torchrun
+from dsp.strategies import overlap_options
 
 #: ``--link`` values that mean the plain loopback network (``none`` is ``dsp bench``'s word).
 LOOPBACK = ("loopback", "none")
@@ -83,6 +86,20 @@ def add_parser(sub) -> None:
         "--plan",
         default="auto",
         help="dsp's plan: auto (the planner, for these shapes), hand or a plan JSON file",
+    )
+    p.add_argument(
+        "--chunks",
+        type=chunk_count,
+        default=None,
+        help="dsp: run each compute stage that can in k overlapped slices (its switches run "
+        "while another slice computes); auto: the planner chooses per stage from predicted "
+        "time on --cluster, or with --link on the emulated link as measured (default 1)",
+    )
+    p.add_argument(
+        "--cluster",
+        default=None,
+        help="the machine --chunks auto plans for: a preset (8xh100-nvlink, 2x8xh100-ib) or a "
+        "JSON file (dsp simulate's)",
     )
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="fp32")
@@ -200,6 +217,8 @@ def run(args) -> int:
         cfg_parallel=args.cfg_parallel,
         strategy=args.strategy,
         plan=args.plan,
+        chunks=args.chunks,
+        cluster=args.cluster,
         seed=args.seed,
         precision=args.precision,
         device=args.device,
@@ -209,6 +228,8 @@ def run(args) -> int:
     world = _world(args)
     check_sizes(cfg, world)
     link = check_link(args, cfg, world)
+    if not (cfg.chunks == "auto" and cfg.cluster is None and link is not None):
+        overlap_options(cfg.strategy, cfg.chunks, cfg.cluster, training=False)  # before ranks
     try:
         if link is None:
             result, link_info = run_job(_sample_rank, cfg, world, args), None
@@ -343,7 +364,12 @@ def run_on_link(cfg, world: int, link: str, *, threads: int = 1):
     """Rank 0's :class:`~dsp.sample.SampleResult` of ``cfg`` on ``world`` ranks over the
     emulated ``link``, and the link's :func:`link_meta`."""
     with sampling_link(cfg, world, link, threads=threads) as cal:
-        return cal.pool.run(_sample_rank, cfg)[0], link_meta(cal)
+        meta = link_meta(cal)
+        if cfg.chunks == "auto" and cfg.cluster is None:  # plan for the link as measured
+            from dsp.bench.sweep import bench_timing_cluster
+
+            cfg = dataclasses.replace(cfg, cluster=bench_timing_cluster(meta, world))
+        return cal.pool.run(_sample_rank, cfg)[0], meta
 
 
 def _sample_diffusers_rank(cfg):

@@ -23,6 +23,7 @@ import os
 import torch.distributed
 
 from dsp.cli.errors import CommandError, add_job_flags, apply_timeout
+from dsp.cli.lists import chunk_count
 from dsp.cli.table import print_table
 
 
@@ -93,6 +94,19 @@ def add_parser(sub) -> None:
         default="auto",
         help="dsp's plan: auto (the planner, for these shapes), hand (the paper's placement) "
         "or a plan JSON file (dsp plan --json)",
+    )
+    g.add_argument(
+        "--chunks",
+        type=chunk_count,
+        default=None,
+        help="dsp: run each compute stage that can in k overlapped slices, forward and "
+        "backward; auto: the planner chooses per stage from predicted time on --cluster",
+    )
+    g.add_argument(
+        "--cluster",
+        default=None,
+        help="the machine --chunks auto plans for: a preset (8xh100-nvlink, 2x8xh100-ib) or a "
+        "JSON file (dsp simulate's)",
     )
     g.add_argument(
         "--data-parallel",
@@ -177,6 +191,8 @@ def config_from_args(args):
         sp=sp,
         strategy=args.strategy,
         plan=args.plan,
+        chunks=args.chunks,
+        cluster=args.cluster,
         data_parallel=args.data_parallel,
         activation_checkpointing=args.activation_checkpointing,
         precision=args.precision,

@@ -22,7 +22,7 @@ import contextlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import Tensor
@@ -61,6 +61,10 @@ class SampleConfig:
     strategy: str = "dsp"
     #: dsp's plan: "auto" (the planner, for these shapes), "hand" or a plan JSON file
     plan: str = "auto"
+    #: dsp's overlapped slices: a count, or "auto" (chosen per stage for ``cluster``)
+    chunks: Union[int, str, None] = None
+    #: the machine ``chunks="auto"`` plans for (a preset, a JSON file or Cluster fields)
+    cluster: Any = None
     seed: int = 0
     precision: str = "fp32"
     device: str = "auto"
@@ -158,16 +162,17 @@ def sample(cfg: SampleConfig) -> SampleResult:
     cfg_group = None
     cfg_rank = 0
     if rt.distributed:
-        from dsp.strategies import get_strategy, meta_like
+        from dsp.strategies import get_strategy, meta_like, overlap_options
 
         mesh = dims.mesh(device.type, timeout)
         cfg_group, cfg_rank = mesh["cfg"].get_group(), mesh.get_local_rank("cfg")
         example = meta_like(x, model_time(torch.zeros(b, device=device)), y_c)
+        extra = overlap_options(cfg.strategy, cfg.chunks, cfg.cluster, training=False)
         if hasattr(model, "parallelize"):  # trained from diffusers: its declarations, by class
             model.parallelize(mesh["sp"].get_group(), cfg.strategy, plan=cfg.plan,
-                              example_inputs=example)  # fmt: skip
+                              example_inputs=example, **extra)  # fmt: skip
         else:
-            strategy = get_strategy(cfg.strategy, mesh["sp"].get_group(), plan=cfg.plan)
+            strategy = get_strategy(cfg.strategy, mesh["sp"].get_group(), plan=cfg.plan, **extra)
             strategy.apply(model, example)
         set_group_timeouts(timeout)  # groups the strategy made too
     amp = autocast_dtype(cfg.precision, device)

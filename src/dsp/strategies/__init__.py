@@ -22,7 +22,14 @@ from dsp.mesh import group_info
 from dsp.parallelize import Parallelized, Plan, parallelize
 from dsp.strategies.plans import attention_plan, dsp_plan, megatron_plan
 
-__all__ = ["STRATEGIES", "Strategy", "get_strategy", "load_plan", "meta_like"]
+__all__ = [
+    "STRATEGIES",
+    "Strategy",
+    "get_strategy",
+    "load_plan",
+    "meta_like",
+    "overlap_options",
+]
 
 STRATEGIES = ("none", "dsp", "ulysses", "ring", "megatron_sp", "usp")
 
@@ -169,3 +176,27 @@ def get_strategy(name: str, group: Optional[dist.ProcessGroup] = None, **options
     if name not in STRATEGIES:
         raise ValueError(f"dsp: unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
     return Strategy(name, group, **options)
+
+
+def overlap_options(strategy: str, chunks: Any, cluster: Any, *, training: bool) -> dict:
+    """The strategy options of ``--chunks`` / ``--cluster`` (``dsp train``, ``dsp sample``):
+    ``{}`` for none; a ``ValueError`` naming the flag for what cannot work."""
+    if chunks in (None, 1):
+        if cluster is not None:
+            raise ValueError("--cluster describes the machine for --chunks auto; give both")
+        return {}
+    if strategy != "dsp":
+        raise ValueError(f"--chunks overlaps dsp's switches; --strategy {strategy} has none")
+    if chunks != "auto":
+        if cluster is not None:
+            raise ValueError("--cluster is for --chunks auto (a fixed count needs no machine)")
+        return {"chunks": chunks}
+    if cluster is None:
+        raise ValueError(
+            "--chunks auto chooses each stage's slices from predicted time: give --cluster "
+            "(a preset such as 8xh100-nvlink or 2x8xh100-ib, or a JSON file)"
+        )
+    from dsp.sim.hardware import cluster as read_cluster
+
+    read_cluster(cluster)  # an unknown preset fails here, before any rank starts
+    return {"chunks": "auto", "cluster": cluster, "training": training}

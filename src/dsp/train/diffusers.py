@@ -61,10 +61,13 @@ class DiffusersVideoModel(nn.Module):
         (out,) = self.model(x, **self._kwargs(t, y))
         return out
 
-    def parallelize(self, group, strategy: str, *, plan: str = "auto", example_inputs=None):
+    def parallelize(
+        self, group, strategy: str, *, plan: str = "auto", example_inputs=None, **options
+    ):
         """Sequence-parallelize the diffusers model on ``group`` with ``strategy``; with
         ``example_inputs`` ``(x, t, y)`` (meta tensors are enough) it plans now, else at the
-        first call. Returns the :class:`~dsp.integrations.diffusers.DiffusersParallel`."""
+        first call; ``options``: the strategy's (``chunks``, ``cluster``). Returns the
+        :class:`~dsp.integrations.diffusers.DiffusersParallel`."""
         from dsp.integrations.diffusers import parallelize
 
         if plan != "auto":
@@ -76,7 +79,7 @@ class DiffusersVideoModel(nn.Module):
         if example_inputs is not None:
             x, t, y = example_inputs
             example = (x, self._kwargs(t, y))
-        return parallelize(self.model, group, strategy, example_inputs=example)
+        return parallelize(self.model, group, strategy, example_inputs=example, **options)
 
 
 def check_diffusers_config(config: Dict[str, Any]) -> str:

@@ -72,6 +72,10 @@ class TrainConfig:
     strategy: str = "dsp"
     #: dsp's plan: "auto" (the planner, for this run's shapes), "hand" or a plan JSON file
     plan: str = "auto"
+    #: dsp's overlapped slices: a count, or "auto" (chosen per stage for ``cluster``)
+    chunks: Union[int, str, None] = None
+    #: the machine ``chunks="auto"`` plans for (a preset, a JSON file or Cluster fields)
+    cluster: Any = None
     data_parallel: str = "ddp"
     activation_checkpointing: bool = False
     precision: str = "auto"
@@ -124,6 +128,14 @@ class TrainConfig:
         if self.plan not in ("auto", "hand") and not Path(self.plan).is_file():
             raise ValueError(
                 f"--plan must be auto, hand or a plan JSON file, got {self.plan!r} (no such file)"
+            )
+        from dsp.strategies import overlap_options
+
+        overlap_options(self.strategy, self.chunks, self.cluster, training=True)
+        if self.chunks not in (None, 1) and self.activation_checkpointing:
+            raise ValueError(
+                "--chunks with --activation-checkpointing: the recompute of a sliced stage may "
+                "stop before its last switches back are waited on; use one of the two"
             )
         if self.resume not in (False, True, "auto", "required"):
             raise ValueError(f"--resume must be auto or required, got {self.resume!r}")
@@ -248,14 +260,17 @@ def train(
     tokens_per_sample = _check_shapes(model, cfg, codec)
     model.to(device)
     if rt.distributed:
-        from dsp.strategies import get_strategy, meta_like
+        from dsp.strategies import get_strategy, meta_like, overlap_options
 
+        extra = overlap_options(cfg.strategy, cfg.chunks, cfg.cluster, training=True)
         first = make_batch(range(1), data, codec, text)  # the shapes the planner plans for
         example = meta_like(first.x0, model_time(first.t), first.y)
         if hasattr(model, "parallelize"):  # a diffusers model: its declarations, by class
-            model.parallelize(sp_group, cfg.strategy, plan=cfg.plan, example_inputs=example)
+            model.parallelize(
+                sp_group, cfg.strategy, plan=cfg.plan, example_inputs=example, **extra
+            )
         else:
-            get_strategy(cfg.strategy, sp_group, plan=cfg.plan).apply(model, example)
+            get_strategy(cfg.strategy, sp_group, plan=cfg.plan, **extra).apply(model, example)
     # 3. activation checkpointing, 4. data parallelism (DDP / FSDP2 / manual)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
