@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 import torch.distributed as dist
@@ -193,3 +194,47 @@ def declared_as_data():
             torch.testing.assert_close(a.grad, b.grad, atol=1e-9, rtol=0, msg=name)
         torch.testing.assert_close(_mean(zz.grad), z.grad, atol=1e-9, rtol=0)
     return plan.to_dict()
+
+
+def checkpointed_chunks(name: str, shape, early_stop: bool):
+    """A chunked plan under non-reentrant activation checkpointing (early stop of the
+    recompute on or off) of every block and, inside, of every sliced stage itself (its
+    recompute then ends inside the last slice's compute, before the switches back are waited
+    for): output and gradients equal one process, and no transfer is left in flight after
+    the backward."""
+    import torch.utils.checkpoint as ckpt
+
+    from dsp.comm.overlap import in_flight
+    from dsp.train.wrap import apply_activation_checkpointing
+
+    n = dist.get_world_size()
+    torch.manual_seed(0)
+    model = build_model(name).double()
+    ref = copy.deepcopy(model)
+    inputs = make_inputs(name, model, shape=shape)
+    g = torch.Generator().manual_seed(1)
+    weights = [
+        torch.randn(o.shape, generator=g, dtype=torch.float64) for o in _outputs(ref(*inputs))
+    ]
+    outs_ref, grads_ref = run(ref, inputs, weights)
+    plan = P.record(model, inputs).plan(n, chunks=2)
+    assert any(st.chunks for st in plan.stages)
+    handle = dsp.parallelize(model, plan)
+    modules = dict(model.named_modules())
+    for st in plan.stages:
+        if st.chunks:
+            mod = modules[st.module]
+            mod.forward = functools.partial(ckpt.checkpoint, mod.forward, use_reentrant=False)
+    apply_activation_checkpointing(model)
+    before = in_flight()
+    with ckpt.set_checkpoint_early_stop(early_stop):
+        outs, grads = run(model, inputs, weights)
+    left = in_flight() - before
+    handle.sync_grads()
+    handle.remove()
+    for o, o_ref in zip(outs, outs_ref):
+        torch.testing.assert_close(o, o_ref, atol=1e-9, rtol=0)
+    ref_params = dict(ref.named_parameters())
+    for pname, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[pname].grad, atol=1e-9, rtol=0, msg=pname)
+    return left

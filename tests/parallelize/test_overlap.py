@@ -27,3 +27,11 @@ def test_chunked_stages_equal_one_process_and_their_dry_run(pools, name, n, k):
 def test_stages_with_operands_or_other_streams_stay_blocking(pools):
     results = pools.run(2, _cases.equality, "evoformer-tiny", "chunks:2")
     assert results[0]["plan"] == pools.run(2, _cases.equality, "evoformer-tiny")[0]["plan"]
+
+
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_chunked_stages_under_activation_checkpointing(pools, early_stop):
+    """The recompute of a checkpointed block re-runs its sliced stage; with early stop it
+    ends as soon as the saved tensors are back, so it must not leave transfers in flight."""
+    left = pools.run(2, _cases.checkpointed_chunks, "stdit-tiny", LONG["stdit-tiny"], early_stop)
+    assert left == [0, 0]

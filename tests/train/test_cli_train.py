@@ -40,17 +40,19 @@ def test_train_flag_errors(capsys):
 
 
 def test_train_with_overlapped_slices_equals_blocking(tmp_path, capsys):
-    """--chunks 2 on sp = 2: the same losses as blocking switches (fp32 rounding)."""
+    """--chunks 2 on sp = 2, with and without activation checkpointing: the same losses as
+    blocking switches (fp32 rounding)."""
     losses = {}
-    for name, extra in (("blocking", []), ("chunks", ["--chunks", "2"])):
+    ckpt = ["--chunks", "2", "--activation-checkpointing"]
+    for name, extra in (("blocking", []), ("chunks", ["--chunks", "2"]), ("ckpt", ckpt)):
         log = tmp_path / f"{name}.json"
         argv = ["train", "--sp", "2", "--world-size", "2", "--steps", "2", "--no-progress",
                 "--frames", "8", "--log-json", str(log), *extra]  # fmt: skip
         assert main(argv) == 0
         losses[name] = json.loads(log.read_text())["losses"]
-    assert len(losses["chunks"]) == 2
-    for a, b in zip(losses["chunks"], losses["blocking"]):
-        assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), losses
+    assert len(losses["chunks"]) == len(losses["ckpt"]) == 2
+    for a, c, b in zip(losses["chunks"], losses["ckpt"], losses["blocking"]):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b)) and abs(c - b) <= 1e-5 * max(1.0, abs(b))
 
 
 def test_train_chunk_flag_errors(capsys):
@@ -62,5 +64,3 @@ def test_train_chunk_flag_errors(capsys):
     assert "--cluster describes the machine for --chunks auto" in capsys.readouterr().err
     assert main(["train", "--chunks", "auto", "--cluster", "9xfoo-ib"]) == 2
     assert "unknown" in capsys.readouterr().err
-    assert main(["train", "--chunks", "2", "--activation-checkpointing"]) == 2
-    assert "--activation-checkpointing" in capsys.readouterr().err

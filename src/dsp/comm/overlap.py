@@ -31,7 +31,14 @@ from dsp.comm import collectives as C
 from dsp.comm.primitives import _block_shape, _pack, _unpack
 from dsp.mesh import GroupInfo
 
-__all__ = ["Pending", "launch_switch", "wait_switch"]
+__all__ = ["Pending", "in_flight", "launch_switch", "wait_switch"]
+
+_STARTED = [0, 0]  # transfers started, transfers waited for (this process)
+
+
+def in_flight() -> int:
+    """Transfers started here and not yet waited for (0 between steps: none abandoned)."""
+    return _STARTED[0] - _STARTED[1]
 
 
 class Pending:
@@ -58,12 +65,14 @@ def _start(x, src, dst, src_sizes, dst_sizes, info: GroupInfo, pending: Pending)
     )
     pending.recv, pending.keep, pending.shape = recv, [send, recv], shape
     pending.args = (src, src_sizes)
+    _STARTED[0] += 1
     return send
 
 
 def _finish(pending: Pending) -> torch.Tensor:
     """Wait for the transfer and unpack it."""
     pending.work.wait()  # timed
+    _STARTED[1] += 1
     src, src_sizes = pending.args
     out = _unpack(pending.recv, [pending.shape], src, [src_sizes], len(src_sizes))[0]
     pending.work, pending.keep = None, []

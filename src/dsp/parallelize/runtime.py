@@ -137,14 +137,21 @@ class Runtime:
                 f"chunk of {min(pieces)} rows for {n} ranks; use at most "
                 f"{max(1, sizes[dst] // n)} chunks"
             )
+        # Recomputed inside a backward (activation checkpointing): every transfer completes
+        # before the next compute, since the recompute may stop early, as soon as the last
+        # saved tensor is back, and must not leave transfers in flight. Same slices, same
+        # saved tensors in the same order (the switches save none), same bytes.
+        serial = torch._C._current_autograd_node() is not None
         handles, start = [], 0
         for p in pieces:
             part = u.narrow(j, start, p)
-            handles.append(launch_switch(part, i, j, src_sizes, shard_sizes(p, n), self.info))
+            launch = launch_switch(part, i, j, src_sizes, shard_sizes(p, n), self.info)
+            handles.append(wait_switch(launch) if serial else launch)
             start += p
         out, backs, start = act.out, [], 0
         for p, handle in zip(pieces, handles):
-            a, kw = sig.set(args, kwargs, act.key, lay.fold(wait_switch(handle)))
+            got = handle if serial else wait_switch(handle)
+            a, kw = sig.set(args, kwargs, act.key, lay.fold(got))
             a, kw = self._chunk_parts(act, sig, a, kw, start, p)
             start += p
             z = inner(*a, **kw)
@@ -154,8 +161,8 @@ class Runtime:
             back = launch_switch(
                 uz, out.index(dst), out.index(src), shard_sizes(p, n), src_sizes, self.info
             )
-            backs.append(back)
-        parts = [wait_switch(h) for h in backs]
+            backs.append(wait_switch(back) if serial else back)
+        parts = backs if serial else [wait_switch(h) for h in backs]
         return out.fold(torch.cat(parts, dim=out.index(dst)))
 
     def _chunk_parts(self, act: Act, sig, args, kwargs, start: int, length: int):

@@ -132,11 +132,6 @@ class TrainConfig:
         from dsp.strategies import overlap_options
 
         overlap_options(self.strategy, self.chunks, self.cluster, training=True)
-        if self.chunks not in (None, 1) and self.activation_checkpointing:
-            raise ValueError(
-                "--chunks with --activation-checkpointing: the recompute of a sliced stage may "
-                "stop before its last switches back are waited on; use one of the two"
-            )
         if self.resume not in (False, True, "auto", "required"):
             raise ValueError(f"--resume must be auto or required, got {self.resume!r}")
         if self.resume and not self.ckpt_dir:
