@@ -122,6 +122,27 @@ def test_from_bench_takes_compute_from_the_proxy(tmp_path):
     assert 0.9 * 0.06 < rows[1]["compute_s"] < 1.2 * 0.06
 
 
+def test_from_bench_sliced_rows_hide_part_of_the_communication(tmp_path):
+    """A --chunks row: the blocking prediction minus what its slices hide (the planner's
+    pipeline model); more ranks than cores hide nothing and pay the slices' cost."""
+    data = json.loads(_fake_bench(tmp_path).read_text())
+    data["meta"]["link"]["per_world_size"]["2"]["achieved_bytes_per_s"] = 2e6  # slow link
+    data["meta"]["cpu_count"] = 2
+    dsp_row = data["results"][1]
+    dsp_row.update(frames=16, height=32, width=32)  # enough compute to hide a transfer under
+    data["results"].append({**dsp_row, "options": {"chunks": 2}})
+    rows, _ = predict_bench(data)
+    blocking, chunked = rows[1], rows[2]
+    assert blocking["hidden_comm_s"] == 0 and chunked["label"] == "dsp (2 chunks)"
+    assert 0 < chunked["hidden_comm_s"] < blocking["exposed_comm_s"]
+    assert chunked["predicted_step_s"] == pytest.approx(
+        blocking["predicted_step_s"] - chunked["hidden_comm_s"]
+    )
+    assert "| dsp (2 chunks) | 2 |" in comparison("bench.json", data)
+    data["meta"]["cpu_count"] = 1  # 2 ranks on 1 core
+    assert predict_bench(data)[0][2]["hidden_comm_s"] < 0
+
+
 def test_a_ring_of_two_pays_the_pair_rate():
     """Ring attention on 2 ranks (and USP's ring across 2 rows) sends to and receives from one
     peer: priced at the link's pair efficiency; a ring of 4 distinct peers is not."""
