@@ -39,8 +39,8 @@ import json
 import statistics
 from typing import Dict, List, Optional, Tuple
 
-from dsp.sim.flops import step_flops
 from dsp.bench.report import label
+from dsp.sim.flops import step_flops
 from dsp.sim.hardware import Cluster, Gpu, Link
 from dsp.sim.overlapped import hidden_seconds
 from dsp.sim.step import simulate
@@ -257,7 +257,8 @@ def comparison(path: str, data: Optional[dict] = None, stat: str = "median") -> 
     for r in rows:
         got = r.get("measured_exposed_comm_s")
         lines.append(
-            f"| {r.get('label', r['strategy'])} | {r['world_size']} | {r['frames']}x{r['height']}x{r['width']} | "
+            f"| {r.get('label', r['strategy'])} | {r['world_size']} | "
+            f"{r['frames']}x{r['height']}x{r['width']} | "
             f"{r['compute_rate_from']} | {r['cpu_flops_per_rank'] / 1e9:.1f} | "
             f"{r['compute_s']:.3f} | {r['exposed_comm_s']:.3f} | {r['hidden_comm_s']:.3f} | "
             f"{'' if got is None else f'{got:.3f}'} | {r['predicted_step_s']:.3f} | "
