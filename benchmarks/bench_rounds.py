@@ -60,6 +60,9 @@ def merge(rows):
             "max": max(exposed),
             "all": exposed,
         }
+    busy = sorted((r["cpu_busy"] for r in ok if r.get("cpu_busy")), key=lambda b: b["utilization"])
+    if busy:  # the round of median core utilization
+        row["cpu_busy"] = busy[len(busy) // 2]
     row.update(
         repeats=len(times),
         step_time_s={"median": med, "min": min(times), "max": max(times), "all": times},

@@ -49,6 +49,9 @@ def test_two_rank_dsp_records_exposed_comm_below_step_time(pools):
     for e, s in zip(ex["all"], st["all"]):
         assert 0 < e < s
     assert 0 < ex["median"] < st["median"]
+    busy = row["cpu_busy"]  # CPU seconds of each rank's process per step, and their share
+    assert len(busy["per_rank_s"]) == 2 and all(c > 0 for c in busy["per_rank_s"])
+    assert busy["utilization"] == pytest.approx(busy["sum_s"] / (busy["cores"] * st["median"]))
 
 
 def test_one_process_records_zero(pools):

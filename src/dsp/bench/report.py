@@ -131,6 +131,7 @@ def comm_split(meta: dict, results: List[dict]) -> List[dict]:
                 "exposed_s": exposed,
                 "comm_at_link_s": at_link,
                 "hidden_s": None if at_link is None else max(0.0, at_link - exposed),
+                "cpu_busy": (r.get("cpu_busy") or {}).get("utilization"),
             }
         )
     return out
@@ -149,19 +150,21 @@ def _comm_lines(meta: dict, results: List[dict]) -> List[str]:
         "",
         "exposed: median seconds the slowest rank spent blocked in communication calls; "
         "compute = step - exposed; at link: the step's bytes at the achieved all-to-all rate; "
-        "hidden = at link - exposed (>= 0), transfer time that ran under compute",
+        "hidden = at link - exposed (>= 0), transfer time that ran under compute; cores busy: "
+        "the ranks' CPU seconds per step (gloo's threads included) over cores x step",
         "",
         "| strategy | N | T x H x W | step s | compute s | exposed s | exposed % | at link s | "
-        "hidden s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "hidden s | cores busy % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in rows:
         link = "-" if c["comm_at_link_s"] is None else f"{c['comm_at_link_s']:.3f}"
         hidden = "-" if c["hidden_s"] is None else f"{c['hidden_s']:.3f}"
+        busy = "-" if c.get("cpu_busy") is None else f"{100 * c['cpu_busy']:.0f}"
         out.append(
             f"| {c['strategy']} | {c['world_size']} | {c['frames']}x{c['height']}x{c['width']} | "
             f"{c['step_s']:.3f} | {c['compute_s']:.3f} | {c['exposed_s']:.3f} | "
-            f"{100 * c['exposed_s'] / c['step_s']:.0f} | {link} | {hidden} |"
+            f"{100 * c['exposed_s'] / c['step_s']:.0f} | {link} | {hidden} | {busy} |"
         )
     return out
 

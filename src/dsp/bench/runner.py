@@ -137,19 +137,21 @@ def rank_bench(cfg: BenchConfig) -> dict:
         step(measure=(i == 0))
     if cfg.warmup == 0:
         step(measure=True)
-    times, waits = [], []
+    times, waits, cpus = [], [], []
     for _ in range(cfg.repeats):
         _sync(strategy.group)
         with comm_log() as timing:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step(measure=False)
             times.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)  # this process, its gloo threads included
         waits.append(timing.wait_s)
     plan = getattr(strategy, "plan", None)
     chosen = sorted({st.chunks or 1 for st in plan.stages if st.kind == "compute"}) if plan else []
     return {
         "times": times,
         "comm_waits": waits,
+        "cpu_times": cpus,
         "chunks_chosen": chosen,
         "bytes_sent_forward": stats["fwd"],
         "bytes_sent_backward": stats["bwd"],
@@ -176,6 +178,24 @@ def _exposed(per_rank: List[dict]) -> dict:
     }
 
 
+def _cpu_busy(per_rank: List[dict], step_s: float) -> Optional[dict]:
+    """CPU seconds per step of every rank's process (median over steps, gloo's threads
+    included), their sum, and that sum over the machine's cores x the median step: how busy
+    the cores were (near 1: no idle core left for overlapped transfers to use)."""
+    import os
+
+    if not step_s or not all(r.get("cpu_times") for r in per_rank):
+        return None
+    per = [statistics.median(r["cpu_times"]) for r in per_rank]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "per_rank_s": per,
+        "sum_s": sum(per),
+        "cores": cores,
+        "utilization": sum(per) / ((cores or 1) * step_s),
+    }
+
+
 def summarize(cfg: BenchConfig, per_rank: Optional[List[dict]], error: str = "") -> dict:
     """One result row: the config plus the documented fields (docs/benchmarks.md)."""
     row = asdict(cfg)
@@ -192,6 +212,7 @@ def summarize(cfg: BenchConfig, per_rank: Optional[List[dict]], error: str = "")
             saved_activation_bytes=None,
             peak_rss_bytes=None,
             chunks_chosen=None,
+            cpu_busy=None,
         )
         return row
     steps = [max(ts) for ts in zip(*(r["times"] for r in per_rank))]  # slowest rank per step
@@ -201,6 +222,7 @@ def summarize(cfg: BenchConfig, per_rank: Optional[List[dict]], error: str = "")
         exposed_comm_s=_exposed(per_rank),
         samples_per_s=cfg.batch / med,
         chunks_chosen=per_rank[0].get("chunks_chosen"),  # slice counts of its compute stages
+        cpu_busy=_cpu_busy(per_rank, med),
         tokens_per_s=cfg.tokens() / med,
         **{
             k: max(r[k] for r in per_rank)
