@@ -80,12 +80,9 @@ SLOW_LINK = {
 }
 
 
-def equality(name: str, which: str = "planner", atol: float = 1e-9, shape=None):
-    """Output, every parameter gradient and the input gradients equal one process.
-
-    Returns this rank's measured bytes and the dry run's prediction (all ranks together).
-    """
-    n = dist.get_world_size()
+def _reference(name: str, shape):
+    """A float64 model, its one-process copy, inputs, output weights and the copy's outputs
+    and input gradients (the parameter gradients stay on the copy)."""
     torch.manual_seed(0)
     model = build_model(name).double()
     ref = copy.deepcopy(model)
@@ -95,6 +92,16 @@ def equality(name: str, which: str = "planner", atol: float = 1e-9, shape=None):
         torch.randn(o.shape, generator=g, dtype=torch.float64) for o in _outputs(ref(*inputs))
     ]
     outs_ref, grads_ref = run(ref, inputs, weights)
+    return model, ref, inputs, weights, outs_ref, grads_ref
+
+
+def equality(name: str, which: str = "planner", atol: float = 1e-9, shape=None):
+    """Output, every parameter gradient and the input gradients equal one process.
+
+    Returns this rank's measured bytes and the dry run's prediction (all ranks together).
+    """
+    n = dist.get_world_size()
+    model, ref, inputs, weights, outs_ref, grads_ref = _reference(name, shape)
 
     rec = P.record(model, inputs)
     if which == "chunks:auto":  # slice counts the planner chooses on a slow link
@@ -208,15 +215,7 @@ def checkpointed_chunks(name: str, shape, early_stop: bool):
     from dsp.train.wrap import apply_activation_checkpointing
 
     n = dist.get_world_size()
-    torch.manual_seed(0)
-    model = build_model(name).double()
-    ref = copy.deepcopy(model)
-    inputs = make_inputs(name, model, shape=shape)
-    g = torch.Generator().manual_seed(1)
-    weights = [
-        torch.randn(o.shape, generator=g, dtype=torch.float64) for o in _outputs(ref(*inputs))
-    ]
-    outs_ref, grads_ref = run(ref, inputs, weights)
+    model, ref, inputs, weights, outs_ref, grads_ref = _reference(name, shape)
     plan = P.record(model, inputs).plan(n, chunks=2)
     assert any(st.chunks for st in plan.stages)
     handle = dsp.parallelize(model, plan)

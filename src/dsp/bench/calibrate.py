@@ -97,6 +97,20 @@ class Calibration:
         """Relative error of the achieved rate against the wanted one."""
         return self.achieved_rate / self.wanted_rate - 1
 
+    def meta(self) -> dict:
+        """What reports record about the link (``meta.link.per_world_size[N]``)."""
+        return {
+            **self.match,
+            "description": self.summary(),
+            "emulated": self.emulated,
+            "target": self.target,
+            "cpu_flops_per_rank": self.cpu_flops,
+            "wanted_bytes_per_s": self.wanted_rate,
+            "configured_bytes_per_s": self.configured_rate,
+            "achieved_bytes_per_s": self.achieved_rate,
+            "reason": self.reason,
+        }
+
     def summary(self) -> str:
         """One line for reports."""
         how = "emulated" if self.emulated else f"loopback ({self.reason})"

@@ -48,17 +48,7 @@ def _pools_for(n: int, link: str, workload=None, target=None):
     from dsp.bench.calibrate import calibrated_link
 
     with calibrated_link(n, link, workload=workload, target_workload=target) as cal:
-        meta = {
-            **cal.match,
-            "description": cal.summary(),
-            "emulated": cal.emulated,
-            "target": cal.target,
-            "cpu_flops_per_rank": cal.cpu_flops,
-            "wanted_bytes_per_s": cal.wanted_rate,
-            "configured_bytes_per_s": cal.configured_rate,
-            "achieved_bytes_per_s": cal.achieved_rate,
-            "reason": cal.reason,
-        }
+        meta = cal.meta()
         pool_kwargs = cal.link.pool_kwargs() if cal.link is not None else {}
         replacements = []
 

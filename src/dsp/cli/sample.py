@@ -45,7 +45,7 @@ from pathlib import Path
 from dsp.cli.errors import CommandError, add_job_flags, apply_timeout
 from dsp.cli.lists import chunk_count
 from dsp.cli.table import human_bytes, print_table
-from dsp.cli.train import _override, run_job, set_threads, under_torchrun
+from dsp.cli.train import add_set_flag, run_job, set_threads, under_torchrun
 from dsp.strategies import overlap_options
 
 #: ``--link`` values that mean the plain loopback network (``none`` is ``dsp bench``'s word).
@@ -108,15 +108,7 @@ def add_parser(sub) -> None:
         "--threads", type=int, default=None, help="torch CPU threads per rank (spawned ranks: 1)"
     )
     p.add_argument("--model", default="stdit-tiny", help="random model without --checkpoint")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        metavar="KEY=VALUE",
-        type=_override,
-        action="append",
-        default=[],
-        help="random model config override, repeatable (e.g. --set hidden_size=256)",
-    )
+    add_set_flag(p, "random model config override, repeatable (e.g. --set hidden_size=256)")
     p.add_argument(
         "--link",
         default="loopback",
@@ -348,16 +340,7 @@ def sampling_link(cfg, world: int, link: str, *, threads: int = 1, timeout=None)
 
 def link_meta(cal) -> dict:
     """What a report says about the link: the calibration, as ``dsp bench`` records it."""
-    return {
-        **cal.match,
-        "description": cal.summary(),
-        "emulated": cal.emulated,
-        "target": cal.target,
-        "cpu_flops_per_rank": cal.cpu_flops,
-        "wanted_bytes_per_s": cal.wanted_rate,
-        "configured_bytes_per_s": cal.configured_rate,
-        "achieved_bytes_per_s": cal.achieved_rate,
-    }
+    return cal.meta()
 
 
 def run_on_link(cfg, world: int, link: str, *, threads: int = 1):

@@ -27,6 +27,19 @@ from dsp.cli.lists import chunk_count
 from dsp.cli.table import print_table
 
 
+def add_set_flag(parser, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable): config overrides, collected in ``args.overrides``."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        type=_override,
+        action="append",
+        default=[],
+        help=help,
+    )
+
+
 def _override(text: str):
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -52,15 +65,7 @@ def add_parser(sub) -> None:
         "LatteTransformer3DModel, unchanged, tiny random config; --set overrides its "
         "constructor arguments)",
     )
-    g.add_argument(
-        "--set",
-        dest="overrides",
-        metavar="KEY=VALUE",
-        type=_override,
-        action="append",
-        default=[],
-        help="model config override, repeatable (e.g. --set depth=4 --set hidden_size=64)",
-    )
+    add_set_flag(g, "model config override, repeatable (e.g. --set depth=4 --set hidden_size=64)")
     g.add_argument("--frames", type=int, default=8, help="video frames (default 8)")
     g.add_argument("--height", type=int, default=16, help="video height in pixels (default 16)")
     g.add_argument("--width", type=int, default=16, help="video width in pixels (default 16)")
