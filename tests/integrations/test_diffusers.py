@@ -172,3 +172,20 @@ def test_the_example_script_runs_on_two_ranks_and_equals_one_process():
     )
     assert run.returncode == 0, run.stderr
     assert "equal to one process: yes" in run.stdout and "rank 1: sent" in run.stdout
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_latte_overlapped_slices_chosen_by_the_planner(pools, checkpoint):
+    """diffusers' Latte, unchanged: chunks="auto" on a slow described link slices its
+    temporal stages; exact, bytes == dry run, also under diffusers' own per-block gradient
+    checkpointing (the recompute runs the sliced stages again)."""
+    from tests.parallelize._cases import SLOW_LINK
+
+    results = pools.run(
+        2, _diffusers.equality, "latte", "dsp", 1e-9, checkpoint=checkpoint, chunks="auto",
+        cluster=SLOW_LINK,
+    )  # fmt: skip
+    assert "(2 chunks)" in results[0]["plan"], results[0]["plan"]
+    assert _sent(results) >= results[0]["predicted"] > 0
+    if not checkpoint:  # the recompute sends the sliced stages' switches once more
+        assert _sent(results) == results[0]["predicted"]
