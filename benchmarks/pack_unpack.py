@@ -33,6 +33,8 @@ from dsp.comm.primitives import _pack, _unpack
 from dsp.comm.shards import shard_sizes
 
 SHAPES = [(1, 4096, 16, 64), (2, 2048, 16, 64), (1, 2048, 12, 72)]  # full B, S, H, D
+#: DSP's own switches of a (B, T, S, C) stream between frames and tokens: full sizes
+DSP_SHAPES = [(1, 16, 1024, 256), (2, 16, 512, 256), (1, 15, 300, 384)]
 WORLD_SIZES = [2, 4]
 
 
@@ -100,30 +102,53 @@ def cases(b: int, s: int, h: int, d: int, n: int, ds) -> Dict[str, Dict[str, Cal
     return out
 
 
-def run(repeats: int, shapes, world_sizes) -> List[dict]:
+def dsp_cases(b: int, t: int, s: int, c: int, n: int) -> Dict[str, Dict[str, Callable]]:
+    """DSP's switch of a ``(B, T, S, C)`` stream from frames to tokens and back (uneven sizes
+    split as ``torch.tensor_split``): what the temporal attention's switches copy."""
+    t_sz, s_sz = shard_sizes(t, n), shard_sizes(s, n)
+    x = torch.randn(b, t_sz[0], s, c)  # rank 0: its frames, every token
+    recv_t = torch.randn(b * t * s_sz[0] * c)  # N blocks of (B, T_j, S_0, C)
+    y = torch.randn(b, t, s_sz[0], c)  # rank 0: every frame, its tokens
+    recv_s = torch.randn(b * t_sz[0] * s * c)
+    return {
+        "dsp frames->tokens": {
+            "ours_pack": lambda: _pack([x], 2, [s_sz], n),
+            "ours_unpack": lambda: _unpack(recv_t, [[b, t, s_sz[0], c]], 1, [t_sz], n),
+            "clone": lambda: x.clone(),
+        },
+        "dsp tokens->frames": {
+            "ours_pack": lambda: _pack([y], 1, [t_sz], n),
+            "ours_unpack": lambda: _unpack(recv_s, [[b, t_sz[0], s, c]], 2, [s_sz], n),
+            "clone": lambda: y.clone(),
+        },
+    }
+
+
+def run(repeats: int, shapes, world_sizes, dsp_shapes=()) -> List[dict]:
     ds, _ = _deepspeed()
     rows = []
-    for b, s, h, d in shapes:
-        for n in world_sizes:
-            for name, variants in cases(b, s, h, d, n, ds).items():
-                times: Dict[str, List[float]] = {k: [] for k in variants}
-                for fn in variants.values():  # warm up allocator and caches
-                    fn()
-                for i in range(repeats):  # interleaved, rotating the order
-                    keys = list(variants)
-                    keys = keys[i % len(keys) :] + keys[: i % len(keys)]
-                    for k in keys:
-                        times[k].append(_time(variants[k]))
-                med = {k: statistics.median(v) for k, v in times.items()}
-                row = {"case": name, "B": b, "S": s, "H": h, "D": d, "N": n}
-                row.update({f"{k}_s": v for k, v in med.items()})
-                row["pack_over_clone"] = med["ours_pack"] / med["clone"]
-                row["unpack_over_clone"] = med["ours_unpack"] / med["clone"]
-                if "ds_pack" in med:
-                    row["pack_over_ds"] = med["ours_pack"] / med["ds_pack"]
-                    row["unpack_over_ds"] = med["ours_unpack"] / med["ds_unpack"]
-                rows.append(row)
-                print(json.dumps(row))
+    todo = [(shape, n, cases(*shape, n, ds)) for shape in shapes for n in world_sizes]
+    todo += [(shape, n, dsp_cases(*shape, n)) for shape in dsp_shapes for n in world_sizes]
+    for shape, n, by_case in todo:
+        for name, variants in by_case.items():
+            times: Dict[str, List[float]] = {k: [] for k in variants}
+            for fn in variants.values():  # warm up allocator and caches
+                fn()
+            for i in range(repeats):  # interleaved, rotating the order
+                keys = list(variants)
+                keys = keys[i % len(keys) :] + keys[: i % len(keys)]
+                for k in keys:
+                    times[k].append(_time(variants[k]))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            row = {"case": name, "shape": "x".join(map(str, shape)), "N": n}
+            row.update({f"{k}_s": v for k, v in med.items()})
+            row["pack_over_clone"] = med["ours_pack"] / med["clone"]
+            row["unpack_over_clone"] = med["ours_unpack"] / med["clone"]
+            if "ds_pack" in med:
+                row["pack_over_ds"] = med["ours_pack"] / med["ds_pack"]
+                row["unpack_over_ds"] = med["ours_unpack"] / med["ds_unpack"]
+            rows.append(row)
+            print(json.dumps(row))
     return rows
 
 
@@ -146,13 +171,14 @@ def markdown(meta: dict, rows: List[dict]) -> str:
         "of one rank's input (three tensors for qkv in one); 0.00 ms = no copy (a view)",
         f"- command: `{meta['command']}`",
         "",
-        "| case | B x S x H x D | N | ours pack ms | ours unpack ms | clone ms | "
-        "pack / clone | unpack / clone | DS pack ms | DS unpack ms | pack / DS | unpack / DS |",
+        "| case | B x S x H x D (dsp: B x T x S x C) | N | ours pack ms | ours unpack ms | "
+        "clone ms | pack / clone | unpack / clone | DS pack ms | DS unpack ms | pack / DS | "
+        "unpack / DS |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['case']} | {r['B']}x{r['S']}x{r['H']}x{r['D']} | {r['N']} | "
+            f"| {r['case']} | {r['shape']} | {r['N']} | "
             f"{_ms(r['ours_pack_s'])} | {_ms(r['ours_unpack_s'])} | {_ms(r['clone_s'])} | "
             f"{_x(r['pack_over_clone'])} | {_x(r['unpack_over_clone'])} | "
             f"{_ms(r.get('ds_pack_s'))} | {_ms(r.get('ds_unpack_s'))} | "
@@ -190,7 +216,7 @@ def main() -> None:
         + " ".join(a for a in [f"--repeats {args.repeats}", "--quick" if args.quick else ""] if a),
     }
     shapes, ns = ([(1, 256, 4, 16)], [2]) if args.quick else (SHAPES, WORLD_SIZES)
-    rows = run(args.repeats, shapes, ns)
+    rows = run(args.repeats, shapes, ns, [] if args.quick else DSP_SHAPES)
     meta["uptime_after"] = _uptime()
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=1)
