@@ -138,6 +138,8 @@ def test_chunks_auto_plans_from_the_measured_link(pools, monkeypatch, n, rate, w
     cfg = BenchConfig(strategy="dsp", world_size=n, options={"chunks": "auto"})
     cfg = dataclasses.replace(_timed(cfg, meta), **dict(TINY, frames=2 * n))
     assert cfg.options["cluster"]["overlap"] == (1.0 if n <= 2 else 0.0)
+    one = _timed(BenchConfig(strategy="dsp", world_size=1, options={"chunks": "auto"}), meta)
+    assert one.options == {"chunks": 1}  # nothing to overlap on one rank
     assert cfg.options["training"] is True
     row = summarize(cfg, pools.run(n, rank_bench, cfg))
     assert label(row) == want, row["chunks_chosen"]

@@ -112,10 +112,16 @@ def test_sample_latency_quick(tmp_path):
 
 
 def test_overlapped_slices_equal_one_process(tmp_path, one_process):
-    """--chunks 2, and --chunks auto for a described cluster, on 2 ranks."""
-    for flags in (["--chunks", "2"], ["--chunks", "auto", "--cluster", "8xh100-nvlink"]):
-        latents, _ = _latents(tmp_path, "chunks", "--world-size", "2", *flags)
+    """--chunks 2, and --chunks auto for a described cluster on which slicing pays (a slow
+    link, compute as slow), on 2 ranks: the temporal stages run in 2 slices."""
+    from tests.parallelize._cases import SLOW_LINK
+
+    slow = tmp_path / "slow.json"
+    slow.write_text(json.dumps(SLOW_LINK))
+    for flags in (["--chunks", "2"], ["--chunks", "auto", "--cluster", str(slow)]):
+        latents, report = _latents(tmp_path, "chunks", "--world-size", "2", *flags)
         torch.testing.assert_close(latents, one_process, rtol=0, atol=1e-5)
+        assert report["layout"]["chunks"] == [1, 2], report["layout"]
 
 
 @pytest.mark.skipif(not netns_available()[0], reason="network namespaces need root and ip")
@@ -124,7 +130,7 @@ def test_auto_slices_plan_for_the_emulated_link(tmp_path, one_process):
         tmp_path, "auto", "--world-size", "2", "--link", "200MB/s", "--chunks", "auto"
     )
     torch.testing.assert_close(latents, one_process, rtol=0, atol=1e-5)
-    assert report["link"]["emulated"]
+    assert report["link"]["emulated"] and report["layout"]["chunks"]  # planned, then ran
 
 
 @pytest.mark.parametrize(
@@ -132,6 +138,10 @@ def test_auto_slices_plan_for_the_emulated_link(tmp_path, one_process):
     [
         (["--world-size", "2", "--chunks", "auto"], "give --cluster"),
         (["--world-size", "2", "--chunks", "2", "--strategy", "ulysses"], "ulysses has none"),
+        (
+            ["--world-size", "2", "--link", "ib", "--chunks", "auto", "--strategy", "ulysses"],
+            "ulysses has none",
+        ),
     ],
 )
 def test_chunk_flag_errors(flags, message, capsys):

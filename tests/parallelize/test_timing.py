@@ -110,9 +110,39 @@ def test_cluster_timing_and_presets():
     t = timing(c, 8)
     assert t.flop_seconds == pytest.approx(1 / c.gpu.flops) and t.overlap == 1.0
     assert cluster(dataclasses.asdict(dataclasses.replace(c, overlap=0.0))).overlap == 0.0
+    with pytest.raises(ValueError, match="overlap must be in"):
+        dataclasses.replace(c, overlap=1.5)
     rec, _ = _recording((64, 64, 64))
-    plan = rec.plan(8, chunks="auto", timing=t)  # an H100 node: slicing pays or not, but
-    assert rec.cost(plan, 8).total > 0  # the plan is a plan the dry run accepts
+    plan = rec.plan(8, chunks="auto", timing=t)  # an H100 node: each stage's fastest k
+    _, report = choose_chunks(rec.plan(8), rec.trace, rec.decl, 8, t)
+    assert report
+    for st in plan.stages:
+        if st.module in report:
+            times, k = report[st.module], st.chunks or 1
+            best = min(times.values())
+            assert times[k] == best or (k == 1 and times[1] - best < t.min_gain * times[1])
+    assert rec.cost(plan, 8).total > 0  # a plan the dry run accepts
+
+
+def test_flops_of_real_and_meta_recordings_agree():
+    """On real CPU tensors sdpa runs a fused kernel the flop counter has no formula for;
+    the recording counts it from the shapes, as on meta."""
+    torch.manual_seed(0)
+    model = build_model("stdit-tiny")
+    inputs = _cases.make_inputs("stdit-tiny", model, shape=(4, 8, 8))[:3]
+    inputs = tuple(t.float() if t.is_floating_point() else t for t in inputs)
+    real = {c.module: c.flops for c in record(model, inputs).trace.calls}
+    meta = {c.module: c.flops for c in record(model, meta_like(*inputs)).trace.calls}
+    assert real == meta and real["blocks.0.attn_temp"] > 0
+
+
+def test_chunks_need_the_planners_plan():
+    from dsp.strategies.plans import dsp_plan
+
+    with torch.device("meta"):
+        model = build_model("stdit-tiny")
+    with pytest.raises(ValueError, match="needs plan='auto' and example inputs"):
+        dsp_plan(model, 2, plan="hand", chunks=2)
 
 
 def test_timing_rejects_nonsense():

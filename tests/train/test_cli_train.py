@@ -49,7 +49,9 @@ def test_train_with_overlapped_slices_equals_blocking(tmp_path, capsys):
         argv = ["train", "--sp", "2", "--world-size", "2", "--steps", "2", "--no-progress",
                 "--frames", "8", "--log-json", str(log), *extra]  # fmt: skip
         assert main(argv) == 0
-        losses[name] = json.loads(log.read_text())["losses"]
+        out = json.loads(log.read_text())
+        losses[name] = out["losses"]
+        assert out["layout"]["chunks"] == ([1] if name == "blocking" else [1, 2]), out["layout"]
     assert len(losses["chunks"]) == len(losses["ckpt"]) == 2
     for a, c, b in zip(losses["chunks"], losses["ckpt"], losses["blocking"]):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(b)) and abs(c - b) <= 1e-5 * max(1.0, abs(b))

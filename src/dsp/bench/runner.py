@@ -23,6 +23,7 @@ from dsp.comm import collectives as C
 from dsp.comm.log import comm_log
 from dsp.launch import RankError
 from dsp.memory import saved_activations
+from dsp.parallelize.chunks import slice_counts
 
 __all__ = ["BenchConfig", "rank_bench", "expand", "summarize"]
 
@@ -146,8 +147,7 @@ def rank_bench(cfg: BenchConfig) -> dict:
             times.append(time.perf_counter() - t0)
             cpus.append(time.process_time() - c0)  # this process, its gloo threads included
         waits.append(timing.wait_s)
-    plan = getattr(strategy, "plan", None)
-    chosen = sorted({st.chunks or 1 for st in plan.stages if st.kind == "compute"}) if plan else []
+    chosen = slice_counts(getattr(strategy, "plan", None))
     return {
         "times": times,
         "comm_waits": waits,

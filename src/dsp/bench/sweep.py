@@ -144,16 +144,22 @@ def bench_timing_cluster(meta: dict, n: int) -> dict:
     c = bench_cluster({"link": {"per_world_size": {n: meta}}}, n, CPU_EFFICIENCY)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     c = dataclasses.replace(
-        c, overlap=1.0 if n <= (cores or 1) else 0.0, slice_overhead=CPU_SLICE_OVERHEAD
+        c,
+        gpu=dataclasses.replace(c.gpu, memory=2.0**60),  # finite: the row stays strict JSON
+        overlap=1.0 if n <= (cores or 1) else 0.0,
+        slice_overhead=CPU_SLICE_OVERHEAD,
     )
     return dataclasses.asdict(c)
 
 
 def _timed(cfg: BenchConfig, meta: dict) -> BenchConfig:
     """``cfg`` with the cluster its ``chunks="auto"`` plans for (others unchanged)."""
-    if cfg.options.get("chunks") != "auto" or cfg.world_size < 2:
+    if cfg.options.get("chunks") != "auto":
         return cfg
     import dataclasses
+
+    if cfg.world_size < 2:  # nothing to overlap on one rank
+        return dataclasses.replace(cfg, options={**cfg.options, "chunks": 1})
 
     cluster = bench_timing_cluster(meta, cfg.world_size)
     training = cfg.mode == "train"

@@ -88,12 +88,17 @@ def _timing(spec: str, n: int):
     return timing(cluster(spec), n, itemsize_scale=0.5)
 
 
+def _unsliced(plan: Plan) -> Plan:
+    """``plan`` with every stage blocking."""
+    stages = tuple(dataclasses.replace(st, chunks=None) for st in plan.stages)
+    return Plan(plan.streams, stages, plan.params)
+
+
 def _slices(rec, plan: Plan, n: int, timing) -> None:
     """Per overlappable stage: the predicted step time of each slice count tried."""
     from dsp.parallelize import choose_chunks
 
-    blocking = Plan(plan.streams, tuple(dataclasses.replace(st, chunks=None) for st in plan.stages))
-    _, report = choose_chunks(blocking, rec.trace, rec.decl, n, timing)
+    _, report = choose_chunks(_unsliced(plan), rec.trace, rec.decl, n, timing)
     chosen = {st.module: st.chunks or 1 for st in plan.stages}
     rows = [
         [module, str(chosen.get(module, 1))]
@@ -135,11 +140,12 @@ def _compare(rec, plan: Plan, n: int, args, price) -> None:
         return total
 
     by_bytes = rec.plan(n, even_only=args.even_only)
-    mine, other = seconds(plan), seconds(by_bytes)
-    same = "the same plan as" if by_bytes == plan else "a different plan from"
+    placed = _unsliced(plan)  # slices are priced below (their time, not only their messages)
+    mine, other = seconds(placed), seconds(by_bytes)
+    same = "the same placement as" if by_bytes == placed else "a different placement from"
     print(
-        f"on {args.cluster} (bf16): this plan communicates {mine * 1e3:.3f} ms per step; "
-        f"it is {same} the bytes-only planner's ({other * 1e3:.3f} ms)"
+        f"on {args.cluster} (bf16): this plan's placement communicates {mine * 1e3:.3f} ms per "
+        f"step blocking; it is {same} the bytes-only planner's ({other * 1e3:.3f} ms)"
     )
 
 
@@ -154,6 +160,8 @@ def run(args) -> int:
         price = _price(args.cluster, n) if args.cluster else None
         if args.chunks == "auto" and not args.cluster:
             raise PlanError("--chunks auto chooses from predicted time: give --cluster too")
+        if args.chunks not in (None, 1) and args.plan:
+            raise PlanError("--chunks slices the planner's stages; a --plan file has its own")
         timing = _timing(args.cluster, n) if args.chunks == "auto" else None
         plan = (
             Plan.from_json(args.plan.read_text())

@@ -220,8 +220,9 @@ def run(args) -> int:
     world = _world(args)
     check_sizes(cfg, world)
     link = check_link(args, cfg, world)
-    if not (cfg.chunks == "auto" and cfg.cluster is None and link is not None):
-        overlap_options(cfg.strategy, cfg.chunks, cfg.cluster, training=False)  # before ranks
+    measured = cfg.chunks == "auto" and cfg.cluster is None and link is not None
+    cluster = {} if measured else cfg.cluster  # {}: the link's, once measured (below)
+    overlap_options(cfg.strategy, cfg.chunks, cluster, training=False)  # before any rank
     try:
         if link is None:
             result, link_info = run_job(_sample_rank, cfg, world, args), None

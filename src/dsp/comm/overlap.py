@@ -31,7 +31,7 @@ from dsp.comm import collectives as C
 from dsp.comm.primitives import _block_shape, _pack, _unpack
 from dsp.mesh import GroupInfo
 
-__all__ = ["Pending", "in_flight", "launch_switch", "wait_switch"]
+__all__ = ["Pending", "drain", "in_flight", "launch_switch", "wait_switch"]
 
 _STARTED = [0, 0]  # transfers started, transfers waited for (this process)
 
@@ -127,3 +127,16 @@ def launch_switch(
 def wait_switch(handle) -> torch.Tensor:
     """The switched tensor of a :func:`launch_switch` handle (waits for the transfer)."""
     return _Wait.apply(*handle)
+
+
+def drain(handles) -> None:
+    """Wait for every transfer of these :func:`launch_switch` handles still in flight,
+    outside autograd: what a stage interrupted between a launch and its wait (activation
+    checkpointing's recompute stops early by raising) must do, so that no transfer all ranks
+    started is left running with its buffers."""
+    for handle in handles:
+        pending = handle[1]
+        if pending.work is not None:
+            pending.work.wait()
+            _STARTED[1] += 1
+            pending.work, pending.keep = None, []

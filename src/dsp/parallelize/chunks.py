@@ -14,10 +14,10 @@ from typing import Dict, List, Tuple
 from dsp.comm.shards import shard_sizes
 from dsp.parallelize.compile import Act, _switch_bytes, stage_hooks
 from dsp.parallelize.declared import Declarations
-from dsp.parallelize.plan import Plan, PlanError
+from dsp.parallelize.plan import Plan, PlanError, Stage
 from dsp.parallelize.trace import TensorInfo, Trace
 
-__all__ = ["chunked_bytes", "chunks_of", "with_chunks"]
+__all__ = ["chunked_bytes", "chunks_of", "most_chunks", "slice_counts", "with_chunks"]
 
 
 def chunks_of(length: int, k: int) -> List[int]:
@@ -41,21 +41,34 @@ def chunked_bytes(
     return fwd, bwd
 
 
+def most_chunks(st: Stage, plan: Plan, decl: Declarations, trace: Trace, n: int, k: int) -> int:
+    """The most slices, at most ``k``, stage ``st`` can run in: 1 unless it is a compute
+    stage whose only acts are its switch in and back, on a stream dim holding at least two
+    slices of ``n`` rows (companions, buffers or norms on its dim keep it blocking)."""
+    if st.kind != "compute" or st.shard == st.rest or st.shard not in dict(trace.sizes):
+        return 1
+    c = min(k, trace.size(st.shard) // n)
+    if c < 2:
+        return 1
+    try:
+        stage_hooks(0, dataclasses.replace(st, chunks=c), plan, decl)
+    except PlanError:
+        return 1
+    return c
+
+
 def with_chunks(plan: Plan, trace: Trace, decl: Declarations, n: int, k: int) -> Plan:
-    """``plan`` with ``chunks`` on every compute stage that can run overlapped (its only acts
-    are its switch in and back, on a stream dim): ``k``, or fewer where the dim holds fewer
-    than ``k`` slices of ``n`` rows."""
-    stages = list(plan.stages)
-    for i, st in enumerate(stages):
-        if st.kind != "compute" or st.shard == st.rest or st.shard not in dict(trace.sizes):
-            continue
-        c = min(k, trace.size(st.shard) // n)
-        if c < 2:
-            continue
-        cand = dataclasses.replace(st, chunks=c)
-        try:
-            stage_hooks(i, cand, plan, decl)
-        except PlanError:
-            continue  # companions, buffers or norms on its dim: stays blocking
-        stages[i] = cand
+    """``plan`` with ``chunks`` on every compute stage that can run overlapped: ``k``, or
+    fewer where its dim holds fewer (:func:`most_chunks`)."""
+    stages = []
+    for st in plan.stages:
+        c = most_chunks(st, plan, decl, trace, n, k)
+        stages.append(dataclasses.replace(st, chunks=c) if c > 1 else st)
     return Plan(plan.streams, tuple(stages), plan.params)
+
+
+def slice_counts(plan) -> List[int]:
+    """The distinct slice counts of ``plan``'s compute stages (1: blocking; [] for none)."""
+    if plan is None:
+        return []
+    return sorted({st.chunks or 1 for st in plan.stages if st.kind == "compute"})

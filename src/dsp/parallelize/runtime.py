@@ -119,7 +119,7 @@ class Runtime:
         gives the backward the same overlap (:mod:`dsp.comm.overlap`). The module runs on a
         shard of ``dst``, so it is independent along ``dst``: slicing it changes nothing.
         """
-        from dsp.comm.overlap import launch_switch, wait_switch
+        from dsp.comm.overlap import drain, launch_switch, wait_switch
         from dsp.parallelize.chunks import chunks_of
 
         lay, src, dst = act.layout, act.src, act.dst
@@ -137,32 +137,32 @@ class Runtime:
                 f"chunk of {min(pieces)} rows for {n} ranks; use at most "
                 f"{max(1, sizes[dst] // n)} chunks"
             )
-        # Recomputed inside a backward (activation checkpointing): every transfer completes
-        # before the next compute, since the recompute may stop early, as soon as the last
-        # saved tensor is back, and must not leave transfers in flight. Same slices, same
-        # saved tensors in the same order (the switches save none), same bytes.
-        serial = torch._C._current_autograd_node() is not None
         handles, start = [], 0
         for p in pieces:
             part = u.narrow(j, start, p)
-            launch = launch_switch(part, i, j, src_sizes, shard_sizes(p, n), self.info)
-            handles.append(wait_switch(launch) if serial else launch)
+            handles.append(launch_switch(part, i, j, src_sizes, shard_sizes(p, n), self.info))
             start += p
         out, backs, start = act.out, [], 0
-        for p, handle in zip(pieces, handles):
-            got = handle if serial else wait_switch(handle)
-            a, kw = sig.set(args, kwargs, act.key, lay.fold(got))
-            a, kw = self._chunk_parts(act, sig, a, kw, start, p)
-            start += p
-            z = inner(*a, **kw)
-            osz = dict(self.sizes, **{dst: p})
-            self.bind(out, z, dst, f"{act.label} output", osz)
-            uz = out.unfold(z, osz, dst, n, rank)
-            back = launch_switch(
-                uz, out.index(dst), out.index(src), shard_sizes(p, n), src_sizes, self.info
-            )
-            backs.append(wait_switch(back) if serial else back)
-        parts = backs if serial else [wait_switch(h) for h in backs]
+        try:
+            for p, handle in zip(pieces, handles):
+                a, kw = sig.set(args, kwargs, act.key, lay.fold(wait_switch(handle)))
+                a, kw = self._chunk_parts(act, sig, a, kw, start, p)
+                start += p
+                z = inner(*a, **kw)
+                osz = dict(self.sizes, **{dst: p})
+                self.bind(out, z, dst, f"{act.label} output", osz)
+                uz = out.unfold(z, osz, dst, n, rank)
+                back = launch_switch(
+                    uz, out.index(dst), out.index(src), shard_sizes(p, n), src_sizes, self.info
+                )
+                backs.append(back)
+            parts = [wait_switch(h) for h in backs]
+        except BaseException:
+            # Interrupted between launches and waits: activation checkpointing's recompute
+            # stops early by raising once its saved tensors are back. Every rank launched the
+            # same transfers; finish them so none is left running on freed buffers.
+            drain(handles + backs)
+            raise
         return out.fold(torch.cat(parts, dim=out.index(dst)))
 
     def _chunk_parts(self, act: Act, sig, args, kwargs, start: int, length: int):

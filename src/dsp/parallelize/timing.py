@@ -27,6 +27,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Tuple
 
+from dsp.parallelize.chunks import most_chunks
 from dsp.parallelize.compile import Act, stage_hooks
 from dsp.parallelize.cost import act_costs
 from dsp.parallelize.declared import Declarations
@@ -106,21 +107,17 @@ def choose_chunks(
     stages = list(plan.stages)
     report: Dict[str, Dict[int, float]] = {}
     for i, st in enumerate(stages):
-        if st.kind != "compute" or st.shard == st.rest or st.shard not in dict(trace.sizes):
+        most = most_chunks(st, plan, decl, trace, n, t.max_chunks)
+        if most < 2:
             continue
-        most = min(t.max_chunks, trace.size(st.shard) // n)
         options: List[int] = [1]
         while options[-1] * 2 <= most:
             options.append(options[-1] * 2)
-        times: Dict[int, float] = {}
-        for k in options:
-            cand = dataclasses.replace(st, chunks=k if k > 1 else None)
-            try:
-                times[k] = stage_time(cand, plan, trace, decl, n, t)[0]
-            except PlanError:  # companions, buffers or norms on its dim: stays blocking
-                break
-        if len(times) < 2:
-            continue
+        times = {
+            k: stage_time(dataclasses.replace(st, chunks=k if k > 1 else None), plan, trace,
+                          decl, n, t)[0]
+            for k in options
+        }  # fmt: skip
         report[st.module] = times
         best = min(times, key=lambda k: (times[k], k))
         if best > 1 and times[1] - times[best] >= t.min_gain * times[1]:

@@ -199,7 +199,7 @@ def trace_model(
     uses: List[Tuple[int, str, str]] = []
     clock = [0]
     sigs = {name: Args(mod) for name, mod in model.named_modules()}
-    counter = FlopCounterMode(display=False)  # FLOPs per call: what overlapping can hide
+    counter = FlopCounterMode(display=False, custom_mapping=_ATTENTION_FLOPS)  # per call
 
     def pre(name):
         def hook(_mod, a, kw):
@@ -268,6 +268,22 @@ def trace_model(
     recorded = tuple(Call(**{"outs": (), **c}) for c in calls)
     trace = _finish(streams, recorded, attends, uses, layouts)
     return dataclasses.replace(trace, norms=tuple(norms))
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of an attention call from its shapes (``(B, H, L, D)``)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+#: Attention kernels ``torch.utils.flop_counter`` has no formula for (it counts them 0): the
+#: fused CPU kernel that ``scaled_dot_product_attention`` runs on real CPU tensors.
+_ATTENTION_FLOPS = {
+    op: _sdpa_flops
+    for op in (getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None),)
+    if op is not None
+}
 
 
 def _run(model, state, args, kwargs, watched, uses, clock, on_meta) -> None:

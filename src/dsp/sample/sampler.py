@@ -90,7 +90,8 @@ class SampleResult:
 
     Attributes:
         latents: ``(B, C, T, h, w)``; video: ``(B, 3, T, H, W)`` in [-1, 1].
-        layout: ``{"cfg", "sp", "world_size", "strategy", "device", "precision"}``.
+        layout: ``{"chunks", "cfg", "sp", "world_size", "strategy", "device", "precision"}``
+            (``chunks``: the slice counts of dsp's compute stages, 1 = blocking).
         ranks: per global rank ``{"total_s", "model_ms", "exchange_ms", "bytes_per_step"}``
             (``model_ms`` and ``exchange_ms`` per sampling step).
     """
@@ -161,19 +162,23 @@ def sample(cfg: SampleConfig) -> SampleResult:
 
     cfg_group = None
     cfg_rank = 0
+    slices = []
     if rt.distributed:
+        from dsp.parallelize.chunks import slice_counts
         from dsp.strategies import get_strategy, meta_like, overlap_options
 
         mesh = dims.mesh(device.type, timeout)
         cfg_group, cfg_rank = mesh["cfg"].get_group(), mesh.get_local_rank("cfg")
         example = meta_like(x, model_time(torch.zeros(b, device=device)), y_c)
-        extra = overlap_options(cfg.strategy, cfg.chunks, cfg.cluster, training=False)
+        amp = autocast_dtype(cfg.precision, device)  # the dtype the switches carry
+        extra = overlap_options(cfg.strategy, cfg.chunks, cfg.cluster, training=False, amp=amp)
         if hasattr(model, "parallelize"):  # trained from diffusers: its declarations, by class
-            model.parallelize(mesh["sp"].get_group(), cfg.strategy, plan=cfg.plan,
-                              example_inputs=example, **extra)  # fmt: skip
+            applied = model.parallelize(mesh["sp"].get_group(), cfg.strategy, plan=cfg.plan,
+                                        example_inputs=example, **extra)  # fmt: skip
         else:
-            strategy = get_strategy(cfg.strategy, mesh["sp"].get_group(), plan=cfg.plan, **extra)
-            strategy.apply(model, example)
+            applied = get_strategy(cfg.strategy, mesh["sp"].get_group(), plan=cfg.plan, **extra)
+            applied.apply(model, example)
+        slices = slice_counts(applied.plan)
         set_group_timeouts(timeout)  # groups the strategy made too
     amp = autocast_dtype(cfg.precision, device)
 
@@ -228,6 +233,7 @@ def sample(cfg: SampleConfig) -> SampleResult:
     ]
     latents = x.float().cpu()
     layout = {
+        "chunks": slices,  # dsp's slice counts of its compute stages (1: blocking)
         "cfg": dims["cfg"],
         "sp": dims["sp"],
         "world_size": rt.world_size,

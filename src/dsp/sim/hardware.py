@@ -141,6 +141,11 @@ class Cluster:
             raise ValueError(
                 f"cluster needs >= 1 node and GPU, got {self.nodes}x{self.gpus_per_node}"
             )
+        if not 0.0 <= self.overlap <= 1.0 or self.slice_overhead < 0:
+            raise ValueError(
+                f"cluster overlap must be in [0, 1] and slice_overhead >= 0, got "
+                f"{self.overlap} and {self.slice_overhead}"
+            )
 
     @property
     def gpus(self) -> int:

@@ -86,14 +86,16 @@ class Strategy:
                     cluster(self.options["cluster"]),
                     n,
                     training=self.options.get("training", True),
+                    itemsize_scale=self.options.get("itemsize_scale", 1.0),
                 )
-            return dsp_plan(
+            return dsp_plan(  # with a cluster: placed for its time too, as dsp plan --cluster
                 model,
                 n,
                 plan=plan,
                 example_inputs=example_inputs,
                 chunks=chunks,
                 timing=timing,
+                price=timing.price if timing is not None else None,
                 **given,
             )
         if self.name == "megatron_sp":
@@ -178,9 +180,18 @@ def get_strategy(name: str, group: Optional[dist.ProcessGroup] = None, **options
     return Strategy(name, group, **options)
 
 
-def overlap_options(strategy: str, chunks: Any, cluster: Any, *, training: bool) -> dict:
+def overlap_options(
+    strategy: str,
+    chunks: Any,
+    cluster: Any,
+    *,
+    training: bool,
+    amp: Optional[torch.dtype] = None,
+) -> dict:
     """The strategy options of ``--chunks`` / ``--cluster`` (``dsp train``, ``dsp sample``):
-    ``{}`` for none; a ``ValueError`` naming the flag for what cannot work."""
+    ``{}`` for none; a ``ValueError`` naming the flag for what cannot work. ``amp``: the
+    autocast dtype the run computes in (its switches then carry that dtype, not the fp32
+    the plan is recorded in)."""
     if chunks in (None, 1):
         if cluster is not None:
             raise ValueError("--cluster describes the machine for --chunks auto; give both")
@@ -199,4 +210,5 @@ def overlap_options(strategy: str, chunks: Any, cluster: Any, *, training: bool)
     from dsp.sim.hardware import cluster as read_cluster
 
     read_cluster(cluster)  # an unknown preset fails here, before any rank starts
-    return {"chunks": "auto", "cluster": cluster, "training": training}
+    scale = torch.finfo(amp).bits / 32 if amp is not None else 1.0
+    return {"chunks": "auto", "cluster": cluster, "training": training, "itemsize_scale": scale}

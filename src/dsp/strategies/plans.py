@@ -131,12 +131,18 @@ def dsp_plan(
     streams=None,
     chunks: Union[int, str, None] = None,
     timing=None,
+    price=None,
 ) -> Plan:
     """DSP: ``plan="auto"`` (the planner; needs ``example_inputs``), ``"hand"`` (the paper's
     placement for the models in :mod:`dsp.models`), or a :class:`Plan`. ``chunks``: the
     planner's compute stages run in that many overlapped slices where they can, or
     ``"auto"``: as many as ``timing`` predicts fastest (auto only; a hand plan or a plan
-    file says its own)."""
+    file says its own). ``price``: place the stages for time (``Recording.plan``)."""
+    if chunks not in (None, 1) and not (plan == "auto" and example_inputs is not None):
+        raise ValueError(
+            f"dsp: chunks={chunks!r} slices the planner's stages: it needs plan='auto' and "
+            "example inputs (a hand plan or a plan file says its own Stage.chunks)"
+        )
     if isinstance(plan, Plan):
         return plan
     if plan == "hand" or (plan == "auto" and example_inputs is None):
@@ -146,4 +152,4 @@ def dsp_plan(
     if plan != "auto":
         raise ValueError(f"dsp: plan must be 'auto', 'hand' or a Plan, got {plan!r}")
     rec = record(model, example_inputs, declare=declare, streams=streams)
-    return rec.plan(world_size, chunks=chunks, timing=timing)
+    return rec.plan(world_size, chunks=chunks, timing=timing, price=price)

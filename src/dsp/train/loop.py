@@ -160,7 +160,8 @@ class TrainResult:
         losses: the global-batch loss of each step run here (``start_step`` .. ``end_step-1``).
         step_times: wall seconds per step (this rank).
         tokens_per_step: latent tokens (after patchify) per global batch.
-        layout: ``{"dp", "sp", "world_size", "data_parallel", "strategy"}``.
+        layout: ``{"chunks", "dp", "sp", "world_size", "data_parallel", "strategy", ...}``
+            (``chunks``: the slice counts of dsp's compute stages, 1 = blocking).
         checkpoint: the last checkpoint written, if any.
     """
 
@@ -254,18 +255,23 @@ def train(
     text = CaptionEncoder(model.config.caption_channels, seed=cfg.seed)
     tokens_per_sample = _check_shapes(model, cfg, codec)
     model.to(device)
+    slices = []
     if rt.distributed:
+        from dsp.parallelize.chunks import slice_counts
         from dsp.strategies import get_strategy, meta_like, overlap_options
 
-        extra = overlap_options(cfg.strategy, cfg.chunks, cfg.cluster, training=True)
+        amp = autocast_dtype(cfg.precision, device)  # the dtype the switches carry
+        extra = overlap_options(cfg.strategy, cfg.chunks, cfg.cluster, training=True, amp=amp)
         first = make_batch(range(1), data, codec, text)  # the shapes the planner plans for
         example = meta_like(first.x0, model_time(first.t), first.y)
         if hasattr(model, "parallelize"):  # a diffusers model: its declarations, by class
-            model.parallelize(
+            applied = model.parallelize(
                 sp_group, cfg.strategy, plan=cfg.plan, example_inputs=example, **extra
             )
         else:
-            get_strategy(cfg.strategy, sp_group, plan=cfg.plan, **extra).apply(model, example)
+            applied = get_strategy(cfg.strategy, sp_group, plan=cfg.plan, **extra)
+            applied.apply(model, example)
+        slices = slice_counts(applied.plan)
     # 3. activation checkpointing, 4. data parallelism (DDP / FSDP2 / manual)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -274,6 +280,7 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp = autocast_dtype(cfg.precision, device)
     layout = {
+        "chunks": slices,  # dsp's slice counts of its compute stages (1: blocking)
         "dp": dp,
         "sp": sp,
         "world_size": rt.world_size,
