@@ -23,12 +23,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 
+from dsp.bench.report import uptime
 from dsp.comm.primitives import _pack, _unpack
 from dsp.comm.shards import shard_sizes
 
@@ -187,13 +187,6 @@ def markdown(meta: dict, rows: List[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--repeats", type=int, default=21)
@@ -211,13 +204,13 @@ def main() -> None:
         "torch": torch.__version__,
         "deepspeed": _deepspeed()[1],
         "repeats": args.repeats,
-        "uptime_before": _uptime(),
+        "uptime_before": uptime(),
         "command": "python benchmarks/pack_unpack.py "
         + " ".join(a for a in [f"--repeats {args.repeats}", "--quick" if args.quick else ""] if a),
     }
     shapes, ns = ([(1, 256, 4, 16)], [2]) if args.quick else (SHAPES, WORLD_SIZES)
     rows = run(args.repeats, shapes, ns, [] if args.quick else DSP_SHAPES)
-    meta["uptime_after"] = _uptime()
+    meta["uptime_after"] = uptime()
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=1)
     md = markdown(meta, rows)

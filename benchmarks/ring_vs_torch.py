@@ -30,11 +30,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from dsp.bench.report import uptime
 
 SHAPES = [(1, 1024, 8, 64), (2, 1536, 8, 64), (1, 3072, 8, 64)]  # B, L (full), H, D
 
@@ -125,13 +126,6 @@ def rank_job(shape, repeats: int, warmup: int) -> dict:
     }
 
 
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 def main() -> None:
     from dsp.launch import RankPool
 
@@ -154,7 +148,7 @@ def main() -> None:
         "backend": "gloo (loopback)",
         "dtype": "float32",
         "repeats": args.repeats,
-        "uptime_before": _uptime(),
+        "uptime_before": uptime(),
         "command": "python benchmarks/ring_vs_torch.py "
         + f"--world-size {' '.join(map(str, args.world_size))} --repeats {args.repeats}"
         + (" --quick" if args.quick else ""),
@@ -197,7 +191,7 @@ def main() -> None:
                 }
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if not k.endswith("_all")}))
-    meta["uptime_after"] = _uptime()
+    meta["uptime_after"] = uptime()
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=1)
     lines = [

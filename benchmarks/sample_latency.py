@@ -31,22 +31,14 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 
-from dsp.bench.report import environment
+from dsp.bench.report import environment, uptime
 from dsp.cli.lists import ints, names
 from dsp.cli.sample import LOOPBACK, _sample_rank, link_meta, sampling_link
 from dsp.launch import RankPool
 from dsp.sample import SampleConfig
-
-
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def configs(args) -> list:
@@ -232,13 +224,13 @@ def main(argv=None) -> int:
         args.steps, args.rounds, args.world_size = 2, 1, [2]
     meta = environment()
     meta.update(
-        uptime_before=_uptime(),
+        uptime_before=uptime(),
         command="python benchmarks/sample_latency.py "
         + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         rounds=args.rounds,
     )
     rows, links = measure(args)
-    meta["uptime_after"] = _uptime()
+    meta["uptime_after"] = uptime()
     cfg = configs(args)[0][2]
     meta["config"] = {
         **{k: v for k, v in vars(cfg).items() if k not in ("checkpoint", "strategy")},

@@ -253,17 +253,25 @@ class StoreHeartbeats:
             *self._addr, is_master=False, timeout=timedelta(seconds=5), wait_for_workers=False
         )
         store = self._client()
+        self._stop = threading.Event()
 
         def beat():
             key = f"{self._prefix}{rank}"
-            while True:
+            while not self._stop.is_set():
                 try:
                     store.add(key, 1)
                 except Exception:  # noqa: BLE001 - the store's host is gone: nothing to tell
                     return
-                time.sleep(self.period)
+                self._stop.wait(self.period)
 
-        threading.Thread(target=beat, name="dsp-heartbeat", daemon=True).start()
+        self._thread = threading.Thread(target=beat, name="dsp-heartbeat", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop beating and join the thread: a process must not exit while it is inside a
+        store call (its C++ client is then torn down under it, and the process aborts)."""
+        self._stop.set()
+        self._thread.join(timeout=10)
 
     def silent(self, wait: float = 2.0) -> Optional[List[int]]:
         """Ranks (other than this one) whose heartbeat stopped; ``None`` if the store itself

@@ -51,6 +51,17 @@ def environment() -> dict:
     }
 
 
+def uptime() -> str:
+    """The machine's load as ``uptime`` prints it (the load averages where it is missing):
+    what a report records before and after its runs."""
+    import subprocess
+
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def label(r: dict) -> str:
     """A result's strategy as reports name it: options that change how it communicates
     are part of the name (``ulysses (qkv in one)``, ``dsp (2 chunks)``, ``dsp (auto: 4

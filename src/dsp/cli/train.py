@@ -237,6 +237,8 @@ def run_job(fn, cfg, world: int, args):
         except Exception as e:
             raise _attributed(e, heartbeats, rank) from e
         finally:
+            if heartbeats is not None:
+                heartbeats.close()
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
         return result if rank == 0 else None
