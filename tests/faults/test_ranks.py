@@ -24,13 +24,14 @@ def _start(args, tmp_path) -> Dsp:
 
 
 def _running(job: Dsp) -> dict:
-    """The job's ranks once they are inside the job (train: after step 2)."""
-    ranks = job.ranks(2)
+    """The job's ranks once they are inside the job (train: after step 2), looked up then:
+    processes a launcher starts and ends before its ranks' loop are not the ranks."""
+    job.ranks(2)
     if job.args[0] == "train":
         job.wait_for("step 2/")
     else:
         time.sleep(6)  # past torch's import and the process group: inside the sampling loop
-    return ranks
+    return job.ranks(2)
 
 
 def _record(tmp_path, name, seconds):
