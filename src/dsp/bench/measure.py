@@ -6,6 +6,7 @@ Used by the link calibration (:mod:`dsp.bench.calibrate`) and by every sweep, so
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import List, Optional, Tuple
@@ -140,3 +141,10 @@ def measure_loopback(pool: RankPool, nbytes: int = 8 * 2**20) -> dict:
     if pool.world_size > 1:
         out["achieved_bytes_per_s"] = measure_alltoall_bandwidth(pool, nbytes)
     return out
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity; all of the machine's elsewhere)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

@@ -182,17 +182,17 @@ def _cpu_busy(per_rank: List[dict], step_s: float) -> Optional[dict]:
     """CPU seconds per step of every rank's process (median over steps, gloo's threads
     included), their sum, and that sum over the machine's cores x the median step: how busy
     the cores were (near 1: no idle core left for overlapped transfers to use)."""
-    import os
+    from dsp.bench.measure import usable_cores
 
     if not step_s or not all(r.get("cpu_times") for r in per_rank):
         return None
     per = [statistics.median(r["cpu_times"]) for r in per_rank]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     return {
         "per_rank_s": per,
         "sum_s": sum(per),
         "cores": cores,
-        "utilization": sum(per) / ((cores or 1) * step_s),
+        "utilization": sum(per) / (cores * step_s),
     }
 
 

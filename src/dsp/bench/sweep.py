@@ -137,16 +137,16 @@ def bench_timing_cluster(meta: dict, n: int) -> dict:
     its own and 0 once ranks share cores (a rank's wait is then another rank's compute),
     :data:`CPU_SLICE_OVERHEAD` per slice."""
     import dataclasses
-    import os
 
+    from dsp.bench.measure import usable_cores
     from dsp.sim.frombench import CPU_EFFICIENCY, bench_cluster
 
     c = bench_cluster({"link": {"per_world_size": {n: meta}}}, n, CPU_EFFICIENCY)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     c = dataclasses.replace(
         c,
         gpu=dataclasses.replace(c.gpu, memory=2.0**60),  # finite: the row stays strict JSON
-        overlap=1.0 if n <= (cores or 1) else 0.0,
+        overlap=1.0 if n <= cores else 0.0,
         slice_overhead=CPU_SLICE_OVERHEAD,
     )
     return dataclasses.asdict(c)

@@ -73,9 +73,10 @@ def stage_time(st: Stage, plan: Plan, trace: Trace, decl: Declarations, n: int, 
     rank: ``(total, communication, compute)``; total as the module doc's ``T(k)``."""
     k = st.chunks or 1
     total = comm = comp = 0.0
+    hooks = stage_hooks(0, st, plan, decl)  # compiled once, costed at every call
     for call in (c for c in trace.calls if c.module == st.module):
         fwd = bwd = 0.0
-        for hook in stage_hooks(0, st, plan, decl):
+        for hook in hooks:
             for act, f, b in act_costs(hook, call, trace, n):
                 fwd += t.price(act, f, 0) if f else 0.0
                 bwd += t.price(act, 0, b) if b else 0.0
