@@ -84,3 +84,34 @@ def test_many_tensors_even_and_uneven_write_each_byte_once(h):
         send, splits = _pack(xs, 2, [shard_sizes(h, 3)] * 3, 3)
     assert w.bytes == sum(_bytes(x) for x in xs) == _bytes(send)
     assert splits == [3 * 2 * 6 * s * 4 for s in shard_sizes(h, 3)]
+
+
+def _inputs(shape):
+    """Value-encoded tensors of ``shape``: contiguous, a transposed view, and a slice at a
+    storage offset (the layouts a switch receives from sdpa and from views)."""
+    numel = math.prod(shape)
+    base = torch.arange(numel, dtype=torch.float64).view(shape)
+    flipped = base.clone().movedim(-1, 0).contiguous().movedim(0, -1)  # same values, strided
+    padded = torch.zeros(numel + 7, dtype=torch.float64)
+    padded[7:] = base.reshape(-1)
+    return {"contiguous": base, "strided": flipped, "offset": padded[7:].view(shape)}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("shape,dim", [((2, 6, 4, 3), 2), ((2, 6, 4, 3), 1), ((3, 0, 6), 2)])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "offset"])
+def test_pack_and_unpack_place_every_element(n, shape, dim, layout):
+    """Even and uneven splits, any strides and offsets: the send buffer holds block j of
+    ``dim`` for rank j in order, and unpack joins N received blocks along ``dim``."""
+    x = _inputs(shape)[layout]
+    sizes = shard_sizes(shape[dim], n)
+    send, splits = _pack([x], dim, [sizes], n)
+    expect = [b.reshape(-1) for b in torch.split(x, sizes, dim)]
+    assert splits == [b.numel() for b in expect]
+    torch.testing.assert_close(send, torch.cat(expect), rtol=0, atol=0)
+    # unpack: N blocks of this rank's part, each a slice of ``dim``, in rank order
+    blocks = torch.split(x, sizes, dim)
+    recv_full = torch.zeros(x.numel() + 5, dtype=x.dtype)
+    recv_full[5:] = torch.cat([b.reshape(-1) for b in blocks])
+    (y,) = _unpack(recv_full[5:], [list(shape)], dim, [sizes], n)
+    torch.testing.assert_close(y, x, rtol=0, atol=0)

@@ -14,6 +14,7 @@ allowed. See ``docs/primitives.md`` for the gradient convention (``grad_scale``)
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import zlib
@@ -120,6 +121,30 @@ def _block_shape(shape: Sequence[int], dims: Sequence[int], lengths: Sequence[in
     return out
 
 
+@functools.lru_cache(maxsize=1024)
+def _split_view(
+    shape: Tuple[int, ...], stride: Tuple[int, ...], dim: int, n: int
+) -> Tuple[List[int], List[int]]:
+    """Size and stride of ``unflatten(dim, (n, shape[dim] // n)).movedim(dim, 0)`` of a tensor
+    of this shape and stride: the N blocks of ``dim`` moved to the front, one view."""
+    d = shape[dim] // n
+    size = [n, *shape[:dim], d, *shape[dim + 1 :]]
+    return size, [stride[dim] * d, *stride[:dim], stride[dim], *stride[dim + 1 :]]
+
+
+@functools.lru_cache(maxsize=1024)
+def _joined_view(shape: Tuple[int, ...], dim: int, n: int) -> Tuple[List[int], List[int]]:
+    """Size and stride of ``view(n, *block).movedim(0, dim)`` of a contiguous buffer of N
+    blocks, each ``shape`` with ``dim`` cut N-fold: ``(.., N, s, ..)``, one view."""
+    block = list(shape)
+    block[dim] //= n
+    stride = [1] * len(block)
+    for i in range(len(block) - 2, -1, -1):
+        stride[i] = stride[i + 1] * block[i + 1]
+    size = [*block[:dim], n, *block[dim:]]
+    return size, [*stride[:dim], stride[0] * block[0], *stride[dim:]]
+
+
 def _even(shape, xs, sizes) -> bool:
     """Whether every tensor has ``shape`` and one split size (all blocks alike)."""
     same = all(tuple(x if isinstance(x, (list, tuple)) else x.shape) == tuple(shape) for x in xs)
@@ -140,9 +165,13 @@ def _pack(
         x = xs[0]
         inner = math.prod(_block_shape(x.shape, [dst], [1]))  # elements per dst row
         return x.reshape(-1), [d * inner for d in dst_sizes[0]]
-    if len(xs) == 1 and len(set(dst_sizes[0])) == 1:  # (.., N * d, ..) -> (N, .., d, ..)
-        send = xs[0].unflatten(dst, (n, dst_sizes[0][0])).movedim(dst, 0).contiguous()
-        return send.view(-1), [send.numel() // n] * n
+    if len(xs) == 1 and dst_sizes[0].count(dst_sizes[0][0]) == n:
+        # (.., N d, ..) -> (N, .., d, ..) as one view (its strides worked out once per
+        # layout), then one copy
+        x = xs[0]
+        size, stride = _split_view(tuple(x.shape), x.stride(), dst, n)
+        send = x.as_strided(size, stride).contiguous()  # as_strided keeps x's storage offset
+        return send.view(-1), [x.numel() // n] * n
     if _even(xs[0].shape, xs, dst_sizes):  # one strided copy per tensor into (N, T, *block)
         d = dst_sizes[0][0]
         block = _block_shape(xs[0].shape, [dst], [d])
@@ -185,9 +214,10 @@ def _unpack(
     """
     if len(shapes) == 1 and math.prod(shapes[0][:src]) == 1:
         return [recv.view(list(shapes[0]))]
-    if len(shapes) == 1 and len(set(src_sizes[0])) == 1:  # (N, .., s, ..) -> (.., N * s, ..)
-        block = _block_shape(shapes[0], [src], [src_sizes[0][0]])
-        return [recv.view(n, *block).movedim(0, src).reshape(list(shapes[0]))]
+    if len(shapes) == 1 and src_sizes[0].count(src_sizes[0][0]) == n:
+        # (N, .., s, ..) -> (.., N, s, ..) as one view, then (.., N s, ..): one copy
+        size, stride = _joined_view(tuple(shapes[0]), src, n)
+        return [recv.as_strided(size, stride).reshape(shapes[0])]
     if _even(shapes[0], shapes, src_sizes):  # one strided copy per tensor from (N, T, *block)
         block = _block_shape(shapes[0], [src], [src_sizes[0][0]])
         view = recv.view(n, len(shapes), *block)
