@@ -213,16 +213,17 @@ def run(repeats: int, shapes, world_sizes, dsp_shapes=()) -> List[dict]:
     return rows
 
 
-#: the size sweep's pattern: a 2-way split of rows of 512 floats (Ulysses' q/k/v pack of 16
-#: heads of 64 at N = 2)
-SWEEP_MIB = [1, 2, 4, 8, 16, 32]
+#: the sweep: a 2-way split of rows of 512 floats (Ulysses' q/k/v pack of 16 heads of 64 at
+#: N = 2) by size, then 2 MiB by the length of the rows (the runs the copy moves at once)
+SWEEP = [(mib, 512) for mib in (1, 2, 4, 8, 16, 32)] + [(2, run) for run in (64, 128, 256, 2048)]
 
 
-def sweep(repeats: int, mibs: Sequence[int] = SWEEP_MIB, n: int = 2, run_len: int = 512):
+def sweep(repeats: int, points: Sequence[Tuple[int, int]] = SWEEP, n: int = 2):
     """The strided copy a pack makes against a contiguous copy of the same bytes, into the
-    same preallocated buffer (no allocation), by size: where the gap comes from."""
+    same preallocated buffer (no allocation), by size and run length: where the gap comes
+    from."""
     rows = []
-    for mib in mibs:
+    for mib, run_len in points:
         rows_n = mib * 2**20 // (4 * n * run_len)
         x = torch.randn(rows_n, n, run_len)
         out = torch.empty(n, rows_n, run_len)
@@ -244,18 +245,18 @@ def sweep(repeats: int, mibs: Sequence[int] = SWEEP_MIB, n: int = 2, run_len: in
 def sweep_markdown(rows: List[dict]) -> List[str]:
     lines = [
         "",
-        "## The strided copy by size",
+        "## The strided copy by size and run length",
         "",
-        f"A {rows[0]['N']}-way split of rows of {rows[0]['run']} floats into a preallocated "
+        f"A {rows[0]['N']}-way split of rows (runs of contiguous floats) into a preallocated "
         "buffer, against a contiguous copy of the same bytes into the same buffer.",
         "",
-        "| MiB | strided ms | contiguous ms | strided / contiguous |",
-        "|---|---|---|---|",
+        "| MiB | run (floats) | strided ms | contiguous ms | strided / contiguous |",
+        "|---|---|---|---|---|",
     ]
     for r in rows:
         lo, hi = r["ratio_ci"]
         lines.append(
-            f"| {r['mib']} | {_ms(r['strided_s'])} | {_ms(r['contiguous_s'])} | "
+            f"| {r['mib']} | {r['run']} | {_ms(r['strided_s'])} | {_ms(r['contiguous_s'])} | "
             f"{r['ratio']:.2f} ({lo:.2f}-{hi:.2f}) |"
         )
     return lines
@@ -361,7 +362,7 @@ def main() -> None:
     }
     shapes, ns = ([(1, 256, 4, 16)], [2]) if args.quick else (SHAPES, WORLD_SIZES)
     rows = run(args.repeats, shapes, ns, [] if args.quick else DSP_SHAPES)
-    by_size = sweep(args.repeats, [1] if args.quick else SWEEP_MIB)
+    by_size = sweep(args.repeats, [(1, 512)] if args.quick else SWEEP)
     meta["uptime_after"] = uptime()
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "results": rows, "size_sweep": by_size}, f, indent=1)

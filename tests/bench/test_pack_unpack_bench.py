@@ -58,6 +58,9 @@ def test_quick_run_writes_its_reports(tmp_path):
         lo, hi = r["pack_over_clone_ci"]
         assert lo <= r["pack_over_clone"] <= hi
     assert not rows[0]["ours_unpack_copies"] and rows[0]["ours_pack_copies"]
-    assert [r["mib"] for r in data["size_sweep"]] == [1]
+    assert [(r["mib"], r["run"]) for r in data["size_sweep"]] == [(1, 512)]
     md = (tmp_path / "pu.md").read_text()
-    assert "- pack, where it copies (2 cases)" in md and "## The strided copy by size" in md
+    assert (
+        "- pack, where it copies (2 cases)" in md
+        and "## The strided copy by size and run length" in md
+    )
