@@ -124,16 +124,18 @@ def _block_shape(shape: Sequence[int], dims: Sequence[int], lengths: Sequence[in
 @functools.lru_cache(maxsize=1024)
 def _split_view(
     shape: Tuple[int, ...], stride: Tuple[int, ...], dim: int, n: int
-) -> Tuple[List[int], List[int]]:
+) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     """Size and stride of ``unflatten(dim, (n, shape[dim] // n)).movedim(dim, 0)`` of a tensor
     of this shape and stride: the N blocks of ``dim`` moved to the front, one view."""
     d = shape[dim] // n
-    size = [n, *shape[:dim], d, *shape[dim + 1 :]]
-    return size, [stride[dim] * d, *stride[:dim], stride[dim], *stride[dim + 1 :]]
+    size = (n, *shape[:dim], d, *shape[dim + 1 :])  # tuples: the cache hands out the same ones
+    return size, (stride[dim] * d, *stride[:dim], stride[dim], *stride[dim + 1 :])
 
 
 @functools.lru_cache(maxsize=1024)
-def _joined_view(shape: Tuple[int, ...], dim: int, n: int) -> Tuple[List[int], List[int]]:
+def _joined_view(
+    shape: Tuple[int, ...], dim: int, n: int
+) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     """Size and stride of ``view(n, *block).movedim(0, dim)`` of a contiguous buffer of N
     blocks, each ``shape`` with ``dim`` cut N-fold: ``(.., N, s, ..)``, one view."""
     block = list(shape)
@@ -141,8 +143,8 @@ def _joined_view(shape: Tuple[int, ...], dim: int, n: int) -> Tuple[List[int], L
     stride = [1] * len(block)
     for i in range(len(block) - 2, -1, -1):
         stride[i] = stride[i + 1] * block[i + 1]
-    size = [*block[:dim], n, *block[dim:]]
-    return size, [*stride[:dim], stride[0] * block[0], *stride[dim:]]
+    size = (*block[:dim], n, *block[dim:])
+    return size, (*stride[:dim], stride[0] * block[0], *stride[dim:])
 
 
 def _even(shape, xs, sizes) -> bool:
