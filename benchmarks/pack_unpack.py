@@ -17,6 +17,7 @@ DeepSpeed is optional (``pip install deepspeed==0.19.8`` into the environment ru
 script; the package does not depend on it): without it the DeepSpeed columns are empty.
 
     python benchmarks/pack_unpack.py --out benchmarks/results/pack_unpack_vm_DATE
+    python benchmarks/pack_unpack.py --device cuda --dtype bfloat16 --out ...   # on a GPU
 """
 
 from __future__ import annotations
@@ -53,9 +54,17 @@ def _deepspeed():
         return None, f"not available: {type(e).__name__}: {e}".splitlines()[0]
 
 
+def _sync() -> None:
+    """Wait for queued GPU work (a no-op on CPU): a time covers the copy, not its launch."""
+    if torch.get_default_device().type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _time(fn: Callable[[], object]) -> float:
+    _sync()
     t0 = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - t0
 
 
@@ -224,7 +233,7 @@ def sweep(repeats: int, points: Sequence[Tuple[int, int]] = SWEEP, n: int = 2):
     from."""
     rows = []
     for mib, run_len in points:
-        rows_n = mib * 2**20 // (4 * n * run_len)
+        rows_n = mib * 2**20 // (torch.get_default_dtype().itemsize * n * run_len)
         x = torch.randn(rows_n, n, run_len)
         out = torch.empty(n, rows_n, run_len)
         times = interleaved(
@@ -312,7 +321,8 @@ def markdown(meta: dict, rows: List[dict]) -> str:
     lines = [
         "# Switch pack / unpack against a plain copy and DeepSpeed-Ulysses' layout functions",
         "",
-        f"- date {meta['date']}, {meta['cpu']} ({meta['cores']} cores), 1 thread, float32",
+        f"- date {meta['date']}, {meta['cpu']} ({meta['cores']} cores), 1 thread; "
+        f"device {meta['device']}, {meta['dtype']}",
         f"- torch {meta['torch']}, deepspeed {meta['deepspeed']}",
         f"- load: `uptime` before: {meta['uptime_before']}; after: {meta['uptime_after']}",
         f"- {meta['repeats']} interleaved rounds; times are medians; a ratio is the median of "
@@ -344,7 +354,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=21)
     p.add_argument("--out", default="pack_unpack")
     p.add_argument("--quick", action="store_true", help="one small shape, N = 2 (smoke test)")
+    p.add_argument("--device", default="cpu", help="where the tensors live: cpu (default), cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
+    torch.set_default_device(args.device)
+    torch.set_default_dtype(getattr(torch, args.dtype))
     torch.set_num_threads(1)
     cpu = platform.processor() or platform.machine()
     with open("/proc/cpuinfo") as f:
@@ -353,12 +369,23 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "dtype": args.dtype,
         "torch": torch.__version__,
         "deepspeed": _deepspeed()[1],
         "repeats": args.repeats,
         "uptime_before": uptime(),
         "command": "python benchmarks/pack_unpack.py "
-        + " ".join(a for a in [f"--repeats {args.repeats}", "--quick" if args.quick else ""] if a),
+        + " ".join(
+            a
+            for a in [
+                f"--repeats {args.repeats}",
+                "--quick" if args.quick else "",
+                f"--device {args.device}" if args.device != "cpu" else "",
+                f"--dtype {args.dtype}" if args.dtype != "float32" else "",
+            ]
+            if a
+        ),
     }
     shapes, ns = ([(1, 256, 4, 16)], [2]) if args.quick else (SHAPES, WORLD_SIZES)
     rows = run(args.repeats, shapes, ns, [] if args.quick else DSP_SHAPES)

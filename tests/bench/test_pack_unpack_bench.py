@@ -41,16 +41,19 @@ def test_which_switch_sides_copy(b):
     assert pack_unpack.copies(qkv["ours_pack"]) and pack_unpack.copies(qkv["ours_unpack"])
 
 
-def test_quick_run_writes_its_reports(tmp_path):
+@pytest.mark.parametrize("dtype,itemsize", [("float32", 4), ("bfloat16", 2)])
+def test_quick_run_writes_its_reports(tmp_path, dtype, itemsize):
     out = tmp_path / "pu"
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "pack_unpack.py"), "--quick",
-         "--repeats", "5", "--out", str(out)],
+         "--repeats", "5", "--dtype", dtype, "--out", str(out)],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "pu.json").read_text())
+    assert (data["meta"]["device"], data["meta"]["dtype"]) == ("cpu", dtype)
     rows = data["results"]
+    assert rows[0]["mib"] * 2**20 == 1 * 128 * 4 * 16 * itemsize  # one rank's (B, S/N, H, D)
     assert [r["case"] for r in rows] == [
         "q/k/v seq->heads", "out heads->seq", "qkv in one seq->heads"
     ]  # fmt: skip
