@@ -1,0 +1,289 @@
+"""One prepared run of dsp's CUDA path on a single GPU: what a lent GPU machine can verify in
+a few minutes, as one command, with every figure written down.
+
+Each check runs on its own (one failing does not stop the others) and records what it saw:
+
+* ``env``: torch, CUDA, the device, NCCL, the SDPA backends torch enables.
+* ``matmul``: achieved bf16 FLOP/s of a large matrix product, against the H100 figures the
+  planner and the simulator assume (``dsp.sim.hardware``).
+* ``model_step``: stdit's forward and backward on the device under bf16 autocast (SDPA's
+  flash kernels) against the same weights and inputs in fp32 on the CPU: loss, gradients,
+  step time.
+* ``ring_block``: one ring-attention block (``dsp.attention.ring``'s einsum path, used off the
+  CPU) against ``scaled_dot_product_attention``: the error, and the time of each.
+* ``pack_unpack``: the switch's copies against a plain copy on the device
+  (``benchmarks/pack_unpack.py``'s cases, fewer rounds).
+* ``cli_train``, ``cli_sample``: ``dsp train`` and ``dsp sample`` on the device, one process.
+
+Multi-rank paths (NCCL all-to-all, the overlapped switches' side stream) need two GPUs:
+NCCL refuses two ranks on one device, so one GPU cannot check them.
+
+    PYTHONPATH=src python3 benchmarks/gpu_check.py --out "$OUT"        # on the GPU machine
+    python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gc  # the same checks on CPU
+
+It writes ``gpu_check.json`` and ``gpu_check.md`` into ``--out`` and exits 1 if a check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from typing import Callable, Dict, List
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _median_time(fn: Callable[[], object], device: str, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def check_env(args) -> dict:
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    if args.device.startswith("cuda"):
+        p, nccl = torch.cuda.get_device_properties(args.device), torch.cuda.nccl.version()
+        out.update(
+            device=p.name,
+            capability=f"{p.major}.{p.minor}",
+            memory_gib=round(p.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl),
+            bf16=torch.cuda.is_bf16_supported(),
+            sdpa_flash=torch.backends.cuda.flash_sdp_enabled(),
+            sdpa_mem_efficient=torch.backends.cuda.mem_efficient_sdp_enabled(),
+        )
+    else:
+        out["device"] = "cpu"
+    return out
+
+
+def check_matmul(args) -> dict:
+    from dsp.sim.hardware import GPUS
+
+    n = 512 if args.quick else 8192
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    a = torch.randn(n, n, device=args.device, dtype=dtype)
+    b = torch.randn(n, n, device=args.device, dtype=dtype)
+    t = _median_time(lambda: a @ b, args.device, repeats=10, warmup=3)
+    h100 = GPUS["h100"]
+    return {
+        "n": n,
+        "dtype": str(dtype).replace("torch.", ""),
+        "tflops": 2 * n**3 / t / 1e12,
+        "h100_peak_tflops_assumed": h100.peak_flops / 1e12,
+        "h100_achieved_tflops_assumed": h100.flops / 1e12,
+    }
+
+
+def _stdit(args):
+    from dsp.models import build_model
+
+    torch.manual_seed(0)
+    overrides = {} if args.quick else {"hidden_size": 256, "num_heads": 8, "depth": 2}
+    model = build_model("stdit-tiny", zero_init=False, **overrides)
+    frames, side = (4, 8) if args.quick else (16, 32)
+    x = torch.randn(1, model.config.in_channels, frames, side, side)
+    t = torch.tensor([3])
+    y = torch.randn(1, 16, model.config.caption_channels)
+    return model, (x, t, y)
+
+
+def check_model_step(args) -> dict:
+    model, inputs = _stdit(args)
+    ref = [p.detach().clone() for p in model.parameters()]
+
+    def loss_and_grads(m, xs, autocast):
+        m.zero_grad()
+        with torch.autocast(xs[0].device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = m(*xs)
+        loss = out.float().square().mean()
+        loss.backward()
+        return loss.item(), [p.grad.detach().float().cpu().reshape(-1) for p in m.parameters()]
+
+    loss_cpu, grads_cpu = loss_and_grads(model, inputs, autocast=False)
+    dev = model.to(args.device)
+    xs = tuple(x.to(args.device) for x in inputs)
+    autocast = args.device.startswith("cuda")
+    loss_dev, grads_dev = loss_and_grads(dev, xs, autocast)
+    g_cpu, g_dev = torch.cat(grads_cpu), torch.cat(grads_dev)
+    cos = torch.nn.functional.cosine_similarity(g_cpu, g_dev, dim=0).item()
+    step = _median_time(lambda: loss_and_grads(dev, xs, autocast), args.device, repeats=5)
+    for p, r in zip(model.parameters(), ref):  # nothing updated the weights
+        assert torch.equal(p.detach().cpu(), r)
+    rel = abs(loss_dev - loss_cpu) / max(abs(loss_cpu), 1e-12)
+    ok = rel < (5e-2 if autocast else 1e-5) and cos > (0.99 if autocast else 0.99999)
+    return {
+        "input": list(inputs[0].shape),
+        "autocast_bf16": autocast,
+        "loss_cpu_fp32": loss_cpu,
+        "loss_device": loss_dev,
+        "loss_rel_diff": rel,
+        "grad_cosine": cos,
+        "step_s": step,
+        "ok": ok,
+    }
+
+
+def check_ring_block(args) -> dict:
+    from dsp.attention.ring import _block_forward
+
+    b, length, h, d = (1, 256, 4, 32) if args.quick else (1, 4096, 16, 64)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    q, k, v = (torch.randn(b, length, h, d, device=args.device, dtype=dtype) for _ in range(3))
+    scale = d**-0.5
+    out, lse = _block_forward(q, k, v, scale)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(x.transpose(1, 2).float() for x in (q, k, v)), scale=scale
+    ).transpose(1, 2)
+    err = (out.float() - ref).abs().max().item()
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
+    )
+    t_block = _median_time(lambda: _block_forward(q, k, v, scale), args.device, repeats=10)
+    t_sdpa = _median_time(sdpa, args.device, repeats=10)
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    return {
+        "shape_BLHD": [b, length, h, d],
+        "dtype": str(dtype).replace("torch.", ""),
+        "max_abs_err_vs_sdpa_fp32": err,
+        "block_s": t_block,
+        "sdpa_s": t_sdpa,
+        "block_over_sdpa": t_block / t_sdpa,
+        "ok": err < tol and bool(torch.isfinite(lse).all()),
+    }
+
+
+def check_pack_unpack(args) -> dict:
+    sys.path.insert(0, HERE)
+    import pack_unpack as pu
+
+    before = torch.get_default_dtype()
+    torch.set_default_device(args.device)
+    torch.set_default_dtype(torch.bfloat16 if args.device.startswith("cuda") else before)
+    try:
+        shapes = [(1, 256, 4, 16)] if args.quick else pu.SHAPES[:2]
+        rows = pu.run(5 if args.quick else 51, shapes, [2], [] if args.quick else pu.DSP_SHAPES[:1])
+        sweep = pu.sweep(5 if args.quick else 51, [(1, 512)] if args.quick else pu.SWEEP)
+    finally:
+        torch.set_default_device("cpu")
+        torch.set_default_dtype(before)
+    return {"rows": rows, "sweep": sweep, "summary": pu.summary(rows)}
+
+
+def _cli(args, *argv: str, timeout: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "dsp", *argv, "--device", args.device.split(":")[0]]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return {
+        "command": " ".join(cmd[1:]),
+        "rc": proc.returncode,
+        "wall_s": time.perf_counter() - t0,
+        "tail": (proc.stdout + proc.stderr)[-1500:],
+        "ok": proc.returncode == 0,
+    }
+
+
+def check_cli_train(args) -> dict:
+    steps = "3" if args.quick else "20"
+    return _cli(args, "train", "--steps", steps, "--no-progress", timeout=300)
+
+
+def check_cli_sample(args) -> dict:
+    out = os.path.join(args.out, "sample.gif")
+    return _cli(args, "sample", "--steps", "4", "--out", out, timeout=300)
+
+
+CHECKS: Dict[str, Callable] = {
+    "env": check_env,
+    "matmul": check_matmul,
+    "model_step": check_model_step,
+    "ring_block": check_ring_block,
+    "pack_unpack": check_pack_unpack,
+    "cli_train": check_cli_train,
+    "cli_sample": check_cli_sample,
+}
+
+
+def markdown(results: dict) -> str:
+    lines = ["# dsp on one GPU: the CUDA path, checked", ""]
+    for name, r in results.items():
+        status = "ok" if r.get("ok", True) and "error" not in r else "FAILED"
+        lines.append(f"## {name}: {status} ({r.get('check_s', 0):.1f} s)")
+        lines.append("")
+        if "error" in r:
+            lines += ["```", r["error"], "```", ""]
+            continue
+        if name == "pack_unpack":
+            lines += r["summary"] + [""]
+            continue
+        for k, v in r.items():
+            if k in ("check_s", "ok"):
+                continue
+            if k == "tail":
+                lines += ["```", str(v).strip(), "```"]
+            else:
+                lines.append(f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: List[str] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
+    p.add_argument("--out", default="gpu-check", help="folder for gpu_check.json and .md")
+    p.add_argument("--only", default=None, help="comma-separated checks: " + ",".join(CHECKS))
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
+    names = args.only.split(",") if args.only else list(CHECKS)
+    unknown = [n for n in names if n not in CHECKS]
+    if unknown:
+        p.error(f"--only: unknown checks {unknown}; choose from {list(CHECKS)}")
+    os.makedirs(args.out, exist_ok=True)
+    sys.path.insert(0, os.path.join(ROOT, "src"))
+    results = {}
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            r = CHECKS[name](args)
+        except Exception:  # noqa: BLE001 - recorded; the other checks still run
+            r = {"error": traceback.format_exc(limit=4), "ok": False}
+        r["check_s"] = time.perf_counter() - t0
+        results[name] = r
+        print(
+            f"{name}: {'ok' if r.get('ok', True) else 'FAILED'} ({r['check_s']:.1f} s)", flush=True
+        )
+        with open(os.path.join(args.out, "gpu_check.json"), "w") as f:  # after every check
+            json.dump(results, f, indent=1, default=str)
+    with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
+        f.write(markdown(results))
+    return 0 if all(r.get("ok", True) for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
