@@ -94,12 +94,23 @@ def _inputs(shape):
     flipped = base.clone().movedim(-1, 0).contiguous().movedim(0, -1)  # same values, strided
     padded = torch.zeros(numel + 7, dtype=torch.float64)
     padded[7:] = base.reshape(-1)
-    return {"contiguous": base, "strided": flipped, "offset": padded[7:].view(shape)}
+    doubled = torch.stack([base, -base], dim=1).flatten(0, 1)  # rows of base at even indices
+    row = base.narrow(0, 0, 1) if shape[0] else base
+    return {
+        "contiguous": base,
+        "strided": flipped,
+        "offset": padded[7:].view(shape),
+        "every other": doubled[::2],  # a step of 2 in the first dim
+        "expanded": row.expand(shape),  # stride 0 in the first dim: every row the same
+    }
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
-@pytest.mark.parametrize("shape,dim", [((2, 6, 4, 3), 2), ((2, 6, 4, 3), 1), ((3, 0, 6), 2)])
-@pytest.mark.parametrize("layout", ["contiguous", "strided", "offset"])
+@pytest.mark.parametrize(
+    "shape,dim",
+    [((2, 6, 4, 3), 2), ((2, 6, 4, 3), 1), ((2, 6, 4, 3), 3), ((2, 6, 4, 3), 0), ((3, 0, 6), 2)],
+)
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "offset", "every other", "expanded"])
 def test_pack_and_unpack_place_every_element(n, shape, dim, layout):
     """Even and uneven splits, any strides and offsets: the send buffer holds block j of
     ``dim`` for rank j in order, and unpack joins N received blocks along ``dim``."""

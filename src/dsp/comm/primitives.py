@@ -207,7 +207,8 @@ def _unpack(
     src_sizes: Sequence[Sequence[int]],
     n: int,
 ) -> List[torch.Tensor]:
-    """Outputs of a switch from its receive buffer (rank order, tensor order within a rank).
+    """Outputs of a switch from its receive buffer ``recv`` (1-D and contiguous, as the
+    all-to-all writes it: rank order, tensor order within a rank).
 
     Output ``t`` concatenates along ``src`` the blocks every rank sent of it: one copy (one
     strided copy per tensor when all blocks are alike, else ``torch.cat``); none for a single
@@ -216,8 +217,9 @@ def _unpack(
     """
     if len(shapes) == 1 and math.prod(shapes[0][:src]) == 1:
         return [recv.view(list(shapes[0]))]
-    if len(shapes) == 1 and src_sizes[0].count(src_sizes[0][0]) == n:
-        # (N, .., s, ..) -> (.., N, s, ..) as one view, then (.., N s, ..): one copy
+    if len(shapes) == 1 and src_sizes[0].count(src_sizes[0][0]) == n and recv.is_contiguous():
+        # (N, .., s, ..) -> (.., N, s, ..) as one view of the (contiguous) receive buffer,
+        # then (.., N s, ..): one copy
         size, stride = _joined_view(tuple(shapes[0]), src, n)
         return [recv.as_strided(size, stride).reshape(shapes[0])]
     if _even(shapes[0], shapes, src_sizes):  # one strided copy per tensor from (N, T, *block)
