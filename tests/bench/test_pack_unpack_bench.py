@@ -1,5 +1,6 @@
 """benchmarks/pack_unpack.py: its statistics and its reading of which variants copy."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,9 +10,11 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-import pack_unpack  # noqa: E402
+_SPEC = importlib.util.spec_from_file_location(
+    "pack_unpack", os.path.join(ROOT, "benchmarks", "pack_unpack.py")
+)
+pack_unpack = importlib.util.module_from_spec(_SPEC)  # the script, without touching sys.path
+_SPEC.loader.exec_module(pack_unpack)
 
 
 def test_median_interval_brackets_the_median():
