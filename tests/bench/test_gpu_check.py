@@ -22,7 +22,9 @@ def test_gpu_check_runs_every_check_on_cpu(tmp_path):
     ]  # fmt: skip
     assert all("error" not in r for r in results.values())
     assert results["model_step"]["loss_rel_diff"] == 0.0  # fp32 on the CPU both times
-    assert results["ring_block"]["max_abs_err_vs_sdpa_fp32"] < 1e-4
+    ring = results["ring_block"]
+    assert ring["fused_cpu_kernel"] and max(ring["max_err_one_block_rel"],
+                                            ring["max_err_ring_of_4_rel"]) < 1e-4  # fmt: skip
     assert (tmp_path / "sample.gif").stat().st_size > 0
     assert "## cli_train: ok" in (tmp_path / "gpu_check.md").read_text()
 
@@ -36,9 +38,27 @@ def test_gpu_check_says_what_is_wrong():
     assert proc.returncode == 2 and "unknown checks ['nope']" in proc.stderr
 
 
-def test_a_failing_check_is_recorded_and_the_others_run(tmp_path, monkeypatch):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+def _gpu_check(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     import gpu_check
+
+    return gpu_check
+
+
+def test_ring_blocks_off_the_cpu_kernel(monkeypatch):
+    """The einsum block and the log-sum-exp merge, the path a GPU takes, checked here."""
+    import argparse
+
+    import dsp.attention.ring as ring
+
+    monkeypatch.setattr(ring, "_fused", lambda x: False)
+    r = _gpu_check(monkeypatch).check_ring_block(argparse.Namespace(device="cpu", quick=True))
+    assert r["ok"] and not r["fused_cpu_kernel"]
+    assert max(r["max_err_one_block_rel"], r["max_err_ring_of_4_rel"]) < 1e-5
+
+
+def test_a_failing_check_is_recorded_and_the_others_run(tmp_path, monkeypatch):
+    gpu_check = _gpu_check(monkeypatch)
 
     def broken(args):
         raise RuntimeError("no flash kernel for this head size")
