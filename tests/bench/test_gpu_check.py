@@ -26,6 +26,8 @@ def test_gpu_check_runs_every_check_on_cpu(tmp_path):
     assert ring["fused_cpu_kernel"] and max(ring["max_err_one_block_rel"],
                                             ring["max_err_ring_of_4_rel"]) < 1e-4  # fmt: skip
     assert (tmp_path / "sample.gif").stat().st_size > 0
+    train = results["cli_train"]
+    assert train["tokens_per_s"] > 0 and train["precision"] == "float32"  # CPU: no autocast
     assert "## cli_train: ok" in (tmp_path / "gpu_check.md").read_text()
 
 
