@@ -14,12 +14,14 @@ Each check runs on its own (one failing does not stop the others) and records wh
   against ``scaled_dot_product_attention``: the errors, and the time of a block and of SDPA.
 * ``pack_unpack``: the switch's copies against a plain copy on the device
   (``benchmarks/pack_unpack.py``'s cases, fewer rounds).
+* ``two_ranks_gloo``: DSP on two ranks sharing the device over gloo, which stages CUDA
+  tensors through the host: the engine, the switches overlapped in 2 slices and their device
+  buffers, fp64 outputs and gradients against one process, bytes against the dry run.
 * ``cli_train``, ``cli_sample``: ``dsp train`` (STDiT-XL/2 at 16 x 256 x 256 pixels, 20 steps:
   the single-GPU figure docs/training.md asks for) and ``dsp sample`` on the device, one
   process (the models, losses, autocast and sampler on CUDA; no strategy runs at one rank).
 
-Multi-rank paths (NCCL all-to-all, the overlapped switches' side stream) need two GPUs:
-NCCL refuses two ranks on one device, so one GPU cannot check them.
+NCCL itself (its all-to-all, its stream) needs two GPUs: it refuses two ranks on one device.
 
     PYTHONPATH=src python3 benchmarks/gpu_check.py --out "$OUT"        # on the GPU machine
     python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gc  # the same checks on CPU
@@ -213,6 +215,81 @@ def check_pack_unpack(args) -> dict:
     return {"rows": rows, "sweep": sweep, "summary": pu.summary(rows)}
 
 
+def _two_rank_body(device: str, quick: bool) -> dict:
+    """One rank: stdit in fp64 on ``device``, parallelized by DSP's planner with its switches
+    overlapped in 2 slices, against one process on the same device (outputs, parameter and
+    input gradients), and the bytes sent against the dry run."""
+    import copy
+
+    import torch.distributed as dist
+
+    import dsp
+    import dsp.parallelize as P
+    from dsp.models import build_model
+
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device).index or 0)  # both ranks on one GPU
+    torch.manual_seed(0)
+    model = build_model("stdit-tiny", zero_init=False).double().to(device)
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    t, side = (5, 6) if quick else (9, 14)  # uneven over 2 ranks
+    c = model.config
+    x = torch.randn(2, c.in_channels, t, side, side + 4, generator=g, dtype=torch.float64)
+    y = torch.randn(2, 6, c.caption_channels, generator=g, dtype=torch.float64)
+    inputs = (x.to(device), torch.tensor([3, 500], device=device), y.to(device))
+
+    def run(m):
+        xs = (inputs[0].clone().requires_grad_(), *inputs[1:])
+        out = m(*xs)
+        (out * torch.linspace(-1, 1, out.numel(), device=device).view(out.shape)).sum().backward()
+        return out, xs[0].grad
+
+    out_ref, gx_ref = run(ref)
+    rec = P.record(model, inputs)
+    plan = rec.plan(dist.get_world_size(), chunks=2)
+    handle = dsp.parallelize(model, plan)
+    with dsp.comm_log() as log:
+        out, gx = run(model)
+    handle.sync_grads()
+    handle.remove()
+    dist.all_reduce(gx)  # each rank holds its shard's part of the input gradient
+    gx /= dist.get_world_size()
+    ref_grads = dict(ref.named_parameters())
+    grad_err = max(
+        (p.grad - ref_grads[name].grad).abs().max().item() for name, p in model.named_parameters()
+    )
+    predicted = rec.cost(plan, dist.get_world_size())
+    return {
+        "device": str(out.device),
+        "sliced_stages": sum(1 for st in plan.stages if st.chunks),
+        "out_err": (out - out_ref).abs().max().item(),
+        "param_grad_err": grad_err,
+        "input_grad_err": (gx - gx_ref).abs().max().item(),
+        "sent": log.sent("forward") + log.sent("backward"),
+        "predicted_all_ranks": predicted.total_forward + predicted.total_backward,
+    }
+
+
+def check_two_ranks_gloo(args) -> dict:
+    """DSP on two ranks sharing the device over gloo (it stages CUDA tensors through the
+    host; NCCL refuses two ranks on one GPU): the engine, the overlapped switches and their
+    CUDA buffers, exact in fp64 against one process."""
+    from dsp.launch import spawn
+
+    ranks = spawn(_two_rank_body, 2, args.device, args.quick)
+    worst = max(max(r["out_err"], r["param_grad_err"], r["input_grad_err"]) for r in ranks)
+    sent = sum(r["sent"] for r in ranks)
+    return {
+        "ranks": ranks,
+        "max_err": worst,
+        "sent_bytes": sent,
+        "ok": worst < 1e-9
+        and sent == ranks[0]["predicted_all_ranks"]
+        and ranks[0]["sliced_stages"] > 0,
+    }
+
+
 def _cli(args, *argv: str, timeout: int) -> dict:
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "dsp", *argv, "--device", args.device.split(":")[0]]
@@ -265,6 +342,7 @@ CHECKS: Dict[str, Callable] = {
     "model_step": check_model_step,
     "ring_block": check_ring_block,
     "pack_unpack": check_pack_unpack,
+    "two_ranks_gloo": check_two_ranks_gloo,
     "cli_train": check_cli_train,
     "cli_sample": check_cli_sample,
 }

@@ -18,8 +18,12 @@ def test_gpu_check_runs_every_check_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     assert list(results) == [
-        "env", "matmul", "model_step", "ring_block", "pack_unpack", "cli_train", "cli_sample"
+        "env", "matmul", "model_step", "ring_block", "pack_unpack", "two_ranks_gloo",
+        "cli_train", "cli_sample",
     ]  # fmt: skip
+    two = results["two_ranks_gloo"]
+    assert two["max_err"] < 1e-9 and two["ranks"][0]["sliced_stages"] > 0
+    assert two["sent_bytes"] == two["ranks"][0]["predicted_all_ranks"] > 0
     assert all("error" not in r for r in results.values())
     assert results["model_step"]["loss_rel_diff"] == 0.0  # fp32 on the CPU both times
     ring = results["ring_block"]
