@@ -49,6 +49,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+def _on_path(folder: str) -> None:
+    """Make ``folder``'s modules importable (once: the checks may run many times in-process)."""
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -199,7 +205,7 @@ def check_ring_block(args) -> dict:
 
 
 def check_pack_unpack(args) -> dict:
-    sys.path.insert(0, HERE)
+    _on_path(HERE)
     import pack_unpack as pu
 
     before = torch.get_default_dtype()
@@ -396,7 +402,7 @@ def main(argv: List[str] = None) -> int:
     if unknown:
         p.error(f"--only: unknown checks {unknown}; choose from {list(CHECKS)}")
     os.makedirs(args.out, exist_ok=True)
-    sys.path.insert(0, os.path.join(ROOT, "src"))
+    _on_path(os.path.join(ROOT, "src"))
     results = {}
     for name in names:
         t0 = time.perf_counter()

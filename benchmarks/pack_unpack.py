@@ -106,8 +106,7 @@ def copies(fn: Callable[[], object]) -> bool:
 
 def _input_bytes(clone: Callable[[], object]) -> int:
     """Bytes a case moves: those its ``clone`` variant copies (one rank's input)."""
-    out = clone()
-    return sum(t.numel() * t.element_size() for t in (out if isinstance(out, list) else [out]))
+    return sum(t.numel() * t.element_size() for t in _tensors(clone()))
 
 
 def cases(b: int, s: int, h: int, d: int, n: int, ds) -> Dict[str, Dict[str, Callable]]:
@@ -280,10 +279,6 @@ def sweep_markdown(rows: List[dict]) -> List[str]:
 
 def _ms(v: Optional[float]) -> str:
     return "-" if v is None else f"{v * 1e3:.2f}"
-
-
-def _x(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v:.2f}"
 
 
 def _t(row: dict, key: str) -> str:
